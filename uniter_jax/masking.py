@@ -1,0 +1,130 @@
+"""Conditional masking and ITM negatives as pure JAX functions of a PRNG key.
+
+They run inside the jitted train step, so the input pipeline stays task-agnostic and a
+resumed run (same step -> same key) replays exactly the same masks. One task masks one
+modality only: MLM masks text with every region visible, MRM masks regions with all text
+visible, ITM masks nothing (uniter_spec.md 3.1-3.6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Batch = Mapping[str, jax.Array]
+# Fields that belong to the image side and travel together when ITM swaps images.
+IMAGE_FIELDS = ("img_feat", "img_pos", "img_mask", "img_type_ids", "img_soft_labels", "img_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+  """Probabilities and special ids. Defaults are the official ones for bert-base-cased."""
+
+  mask_id: int = 103
+  special_ids: tuple[int, ...] = (0, 100, 101, 102, 103)  # PAD UNK CLS SEP MASK
+  random_range: tuple[int, int] = (106, 28996)  # official v_range [id('!'), vocab)
+  mlm_prob: float = 0.15
+  mrm_prob: float = 0.15
+  itm_neg_prob: float = 0.5
+  # ITM negatives are drawn within groups of this many consecutive examples (set to the
+  # per-device batch so the image swap needs no cross-device traffic); None = whole batch.
+  itm_group_size: int | None = None
+
+
+def mask_text(key: jax.Array, input_ids: jax.Array, txt_mask: jax.Array, *, mask_id: int,
+              special_ids: Sequence[int], random_range: tuple[int, int], prob: float = 0.15
+              ) -> tuple[jax.Array, jax.Array]:
+  """BERT masking of eligible tokens: returns (masked input_ids, txt_labels with -1 = none).
+
+  Each eligible token (real, not a special id such as [CLS]/[SEP]) is selected with `prob`;
+  a selected token becomes [MASK] (80%), a uniform id in `random_range` (10%) or stays
+  (10%). An example with no selection gets its first eligible token forced to [MASK].
+  """
+  k_sel, k_kind, k_rand = jax.random.split(key, 3)
+  eligible = txt_mask.astype(bool) & ~jnp.isin(input_ids, jnp.asarray(special_ids))
+  selected = jax.random.bernoulli(k_sel, prob, input_ids.shape) & eligible
+  first = eligible & (jnp.cumsum(eligible, axis=1) == 1)
+  forced = first & ~selected.any(axis=1, keepdims=True)
+  u = jax.random.uniform(k_kind, input_ids.shape)
+  to_mask = (selected & (u < 0.8)) | forced
+  to_rand = selected & (u >= 0.8) & (u < 0.9)
+  rand_ids = jax.random.randint(k_rand, input_ids.shape, *random_range, dtype=input_ids.dtype)
+  new_ids = jnp.where(to_mask, mask_id, jnp.where(to_rand, rand_ids, input_ids))
+  labels = jnp.where(selected | forced, input_ids, -1).astype(jnp.int32)
+  return new_ids.astype(input_ids.dtype), labels
+
+
+def mask_regions(key: jax.Array, img_mask: jax.Array, prob: float = 0.15) -> jax.Array:
+  """Selects each real region with `prob`; an example with none gets one random region."""
+  k_sel, k_force = jax.random.split(key)
+  valid = img_mask.astype(bool)
+  selected = jax.random.bernoulli(k_sel, prob, valid.shape) & valid
+  # One random valid region: argmax of uniform noise restricted to valid slots.
+  noise = jnp.where(valid, jax.random.uniform(k_force, valid.shape), -1.0)
+  pick = jax.nn.one_hot(jnp.argmax(noise, axis=1), valid.shape[1], dtype=bool) & valid
+  return selected | (pick & ~selected.any(axis=1, keepdims=True))
+
+
+def apply_region_masking(key: jax.Array, batch: Batch, prob: float = 0.15) -> dict:
+  """MRM inputs and targets: zeroed features, `img_masked`, `feat_targets`, `label_targets`."""
+  masked = mask_regions(key, batch["img_mask"], prob)
+  feat = batch["img_feat"]
+  out = dict(batch)
+  out["img_masked"] = masked
+  out["feat_targets"] = jnp.where(masked[..., None], feat, 0).astype(feat.dtype)
+  out["img_feat"] = jnp.where(masked[..., None], 0, feat).astype(feat.dtype)
+  if "img_soft_labels" in batch:
+    soft = batch["img_soft_labels"]
+    out["label_targets"] = jnp.where(masked[..., None], soft, 0).astype(soft.dtype)
+  return out
+
+
+def sample_itm_negatives(key: jax.Array, batch: Batch, prob: float = 0.5,
+                         group_size: int | None = None) -> dict:
+  """Gives each example, with `prob`, the image of another example in its group.
+
+  The text is never replaced (official). The other example is drawn uniformly among the
+  rest of the group, so an example never gets its own image back; when the drawn image
+  has the same `img_ids` as its own, the pair is still a match (target 1).
+  """
+  b = batch["input_ids"].shape[0]
+  g = b if group_size is None else group_size
+  if b % g:
+    raise ValueError(f"batch size {b} is not a multiple of itm_group_size {g}")
+  k_neg, k_off = jax.random.split(key)
+  idx = jnp.arange(b)
+  start, local = idx - idx % g, idx % g
+  offset = jax.random.randint(k_off, (b,), 1, max(g, 2))
+  other = start + (local + offset) % g
+  swap = jax.random.bernoulli(k_neg, prob, (b,)) & (g > 1)
+  src = jnp.where(swap, other, idx)
+  out = dict(batch)
+  for name in IMAGE_FIELDS:
+    if name in batch:
+      out[name] = jnp.take(batch[name], src, axis=0)
+  if "img_ids" in batch:
+    same = batch["img_ids"][src] == batch["img_ids"]
+  else:
+    same = src == idx
+  out["itm_targets"] = (same | ~swap).astype(jnp.int32)
+  return out
+
+
+def apply_task(key: jax.Array, batch: Batch, task: str, cfg: MaskingConfig) -> dict:
+  """Adds `task`'s inputs and targets to a raw image-text batch (one modality only)."""
+  if task == "mlm":
+    ids, labels = mask_text(key, batch["input_ids"], batch["txt_mask"], mask_id=cfg.mask_id,
+                            special_ids=cfg.special_ids, random_range=cfg.random_range,
+                            prob=cfg.mlm_prob)
+    return {**batch, "input_ids": ids, "txt_labels": labels}
+  if task in ("mrfr", "mrc", "mrckl"):
+    if task != "mrfr" and "img_soft_labels" not in batch:
+      raise ValueError(f"task {task!r} needs the batch field img_soft_labels (detector "
+                       "soft labels); prepare the image data with soft labels")
+    return apply_region_masking(key, batch, cfg.mrm_prob)
+  if task == "itm":
+    return sample_itm_negatives(key, batch, cfg.itm_neg_prob, cfg.itm_group_size)
+  raise ValueError(f"unknown pretraining task {task!r}")

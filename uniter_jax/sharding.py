@@ -1,0 +1,134 @@
+"""Mesh, logical-axis rules and the helpers that turn logical names into shardings.
+
+The model names axes logically ("batch", "embed", "mlp", ...). One rules table, kept in
+the config, maps each logical name to a mesh axis (or None = replicated). Data parallel
+and FSDP differ only in that table and in the mesh shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# FSDP over the 'fsdp' axis, data parallel over 'data' and 'fsdp' together. With
+# fsdp=1 in the mesh this is plain data parallelism.
+FSDP_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("vocab", None),
+    ("img_feat", None),
+    ("hidden", None),
+    ("labels", None),
+    ("layers", None),
+    ("length", None),
+)
+DATA_PARALLEL_RULES: Rules = tuple((k, v if k == "batch" else None) for k, v in FSDP_RULES)
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("uniter_rules",
+                                                                     default=None)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  """A mesh with Auto axes (pjit-style propagation). One axis may be -1 (= the rest)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  names = tuple(shape)
+  sizes = [int(s) for s in shape.values()]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh shape {dict(shape)}: at most one axis may be -1")
+  known = 1
+  for s in sizes:
+    known *= s if s != -1 else 1
+  if -1 in sizes:
+    sizes[sizes.index(-1)] = len(devices) // known
+  total = 1
+  for s in sizes:
+    total *= s
+  if total != len(devices):
+    raise ValueError(f"mesh shape {dict(zip(names, sizes))} needs {total} devices, "
+                     f"but {len(devices)} are available; fix config.mesh")
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+  """Activates a logical-axis rules table for `constrain` (and Flax's own helpers)."""
+  token = _RULES.set(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules))
+  try:
+    with nnx.logical_axis_rules(_RULES.get()):
+      yield
+  finally:
+    _RULES.reset(token)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
+  """Maps logical names to a PartitionSpec; a mesh axis is used at most once."""
+  if names is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in names:
+    axes = table.get(name) if name is not None else None
+    flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if not flat or any(a in used for a in flat):
+      out.append(None)
+      continue
+    used.update(flat)
+    out.append(axes if isinstance(axes, str) else tuple(axes))
+  return P(*out)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside a mesh or without rules."""
+  rules = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return x
+  spec = logical_to_spec(names, rules)
+  spec = P(*[s if _fits(x.shape[i], s, mesh) else None for i, s in enumerate(spec)])
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _fits(dim: int, axes: Any, mesh) -> bool:
+  if axes is None:
+    return True
+  size = 1
+  for a in (axes,) if isinstance(axes, str) else axes:
+    size *= mesh.shape[a]
+  return dim % size == 0
+
+
+def state_specs(state: Any, rules: Rules) -> Any:
+  """PartitionSpecs for an nnx State (or any tree of Variables) from their logical names."""
+
+  def one(v):
+    meta = v.get_metadata() if isinstance(v, nnx.Variable) else {}
+    # Flax stores `sharding_names` under "out_sharding" (older versions: "sharding_names").
+    names = meta.get("out_sharding", meta.get("sharding_names"))
+    return logical_to_spec(names, rules)
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+  """NamedShardings for every leaf of an nnx State, from the rules table."""
+  specs = state_specs(state, rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  """Sharding of a batch array: the leading axis over the 'batch' rule, the rest replicated."""
+  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
