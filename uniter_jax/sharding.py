@@ -132,3 +132,21 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int = 1) -> Name
   """Sharding of a batch array: the leading axis over the 'batch' rule, the rest replicated."""
   spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
+
+
+def create_sharded(ctor, mesh: jax.sharding.Mesh, rules: Rules):
+  """Builds `ctor()` (an nnx.Module) directly sharded: shapes first, then a jit creates it.
+
+  No parameter is ever materialised whole on one device.
+  """
+  abstract = nnx.eval_shape(ctor)
+  graphdef, abs_state = nnx.split(abstract)
+  shardings = state_shardings(abs_state, mesh, rules)
+
+  def init():
+    state = nnx.state(ctor())
+    return jax.lax.with_sharding_constraint(state, shardings)
+
+  with jax.set_mesh(mesh), use_rules(rules):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,106 @@
+"""Conditional masking and ITM negatives: statistics over many draws, invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uniter_jax.masking import MaskingConfig, apply_task, mask_regions, mask_text
+
+CFG = MaskingConfig()  # official bert-base-cased ids
+B, LT, LI = 256, 40, 30
+
+
+def _text(seed=0):
+  rng = np.random.default_rng(seed)
+  lens = rng.integers(4, LT + 1, B)
+  ids = rng.integers(106, 28996, (B, LT))
+  mask = np.arange(LT)[None] < lens[:, None]
+  ids[:, 0] = 101
+  ids[np.arange(B), lens - 1] = 102
+  return jnp.asarray(np.where(mask, ids, 0), jnp.int32), jnp.asarray(mask)
+
+
+def test_mlm_rates_and_special_tokens():
+  ids, mask = _text()
+  new, labels = jax.jit(lambda k: mask_text(k, ids, mask, mask_id=103,
+                                            special_ids=CFG.special_ids,
+                                            random_range=CFG.random_range))(jax.random.key(0))
+  new, labels, ids, mask = map(np.asarray, (new, labels, ids, mask))
+  target = labels != -1
+  eligible = mask & ~np.isin(ids, CFG.special_ids)
+  assert not (target & ~eligible).any()  # never [CLS]/[SEP]/[PAD]
+  assert (labels[target] == ids[target]).all()
+  assert (new[~target] == ids[~target]).all()
+  rate = target.sum() / eligible.sum()
+  assert abs(rate - 0.15) < 0.015, rate
+  is_mask = new[target] == 103
+  kept = new[target] == ids[target]
+  rand = ~is_mask & ~kept
+  n = target.sum()
+  assert abs(is_mask.sum() / n - 0.8) < 0.03
+  assert abs(kept.sum() / n - 0.1) < 0.025
+  assert abs(rand.sum() / n - 0.1) < 0.025
+  assert (new[target][rand] >= 106).all() and (new[target][rand] < 28996).all()
+  assert target.any(1).all()  # every example has at least one target
+
+
+def test_mlm_forces_the_first_token_when_nothing_was_drawn():
+  ids = jnp.asarray([[101, 500, 600, 102, 0]], jnp.int32)
+  mask = ids != 0
+  new, labels = mask_text(jax.random.key(1), ids, mask, mask_id=103, special_ids=CFG.special_ids,
+                          random_range=CFG.random_range, prob=0.0)
+  assert np.asarray(labels).tolist() == [[-1, 500, -1, -1, -1]]
+  assert np.asarray(new).tolist() == [[101, 103, 600, 102, 0]]
+
+
+def test_mrm_rate_forced_region_and_targets():
+  rng = np.random.default_rng(1)
+  nbb = rng.integers(1, LI + 1, B)
+  img_mask = jnp.asarray(np.arange(LI)[None] < nbb[:, None])
+  masked = np.asarray(mask_regions(jax.random.key(2), img_mask))
+  assert not (masked & ~np.asarray(img_mask)).any()
+  assert masked.any(1).all()
+  assert abs(masked.sum() / np.asarray(img_mask).sum() - 0.15) < 0.02
+  feat = jnp.asarray(rng.normal(size=(B, LI, 8)), jnp.float32)
+  soft = jnp.asarray(rng.random((B, LI, 5)), jnp.float32)
+  batch = dict(input_ids=jnp.zeros((B, 4), jnp.int32), txt_mask=jnp.ones((B, 4), bool),
+               img_feat=feat, img_pos=jnp.zeros((B, LI, 7)), img_mask=img_mask,
+               img_soft_labels=soft)
+  out = apply_task(jax.random.key(3), batch, "mrckl", CFG)
+  m = np.asarray(out["img_masked"])
+  np.testing.assert_array_equal(np.asarray(out["img_feat"])[m], 0)
+  np.testing.assert_array_equal(np.asarray(out["feat_targets"])[m], np.asarray(feat)[m])
+  np.testing.assert_array_equal(np.asarray(out["label_targets"])[m], np.asarray(soft)[m])
+  np.testing.assert_array_equal(np.asarray(out["img_feat"])[~m], np.asarray(feat)[~m])
+  assert "txt_labels" not in out  # only one modality is masked
+
+
+def test_one_modality_per_task():
+  ids, mask = _text(2)
+  batch = dict(input_ids=ids, txt_mask=mask, img_feat=jnp.ones((B, LI, 4)),
+               img_pos=jnp.zeros((B, LI, 7)), img_mask=jnp.ones((B, LI), bool))
+  mlm = apply_task(jax.random.key(0), batch, "mlm", CFG)
+  np.testing.assert_array_equal(mlm["img_feat"], batch["img_feat"])
+  assert "img_masked" not in mlm
+  mrm = apply_task(jax.random.key(0), batch, "mrfr", CFG)
+  np.testing.assert_array_equal(mrm["input_ids"], ids)
+
+
+def test_itm_negatives_never_own_image_and_same_image_is_positive():
+  n = 512
+  rng = np.random.default_rng(3)
+  img_ids = jnp.asarray(rng.integers(0, 400, n), jnp.int32)  # some duplicates
+  feat = jnp.asarray(np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3)))
+  batch = dict(input_ids=jnp.zeros((n, 3), jnp.int32), txt_mask=jnp.ones((n, 3), bool),
+               img_feat=feat, img_pos=jnp.zeros((n, 2, 7)), img_mask=jnp.ones((n, 2), bool),
+               img_ids=img_ids)
+  cfg = MaskingConfig(itm_group_size=64)
+  out = apply_task(jax.random.key(5), batch, "itm", cfg)
+  src = np.asarray(out["img_feat"])[:, 0, 0].astype(int)
+  swapped = src != np.arange(n)
+  assert abs(swapped.mean() - 0.5) < 0.06
+  assert (src // 64 == np.arange(n) // 64).all()  # within the device-local group
+  expected = np.where(np.asarray(img_ids)[src] == np.asarray(img_ids), 1, 0)
+  np.testing.assert_array_equal(np.asarray(out["itm_targets"]), expected)
+  np.testing.assert_array_equal(out["input_ids"], batch["input_ids"])  # text never replaced
+  np.testing.assert_array_equal(np.asarray(out["img_ids"]), np.asarray(img_ids)[src])
