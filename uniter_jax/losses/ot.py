@@ -234,7 +234,7 @@ def ot_distance(
     if int(ipot_k) != ipot_k or ipot_k < 1:
       raise ValueError(f"ipot_k must be a positive integer, got {ipot_k}")
     plan = _ipot_plan(
-        cost,
+        jax.lax.stop_gradient(cost),
         txt_valid,
         img_valid,
         beta=beta,
@@ -253,6 +253,7 @@ def ot_distance(
         num_iters=num_iters,
     )
 
+  plan = jax.lax.stop_gradient(plan)
   # <C, P> and not ott's reg_ot_cost, which adds the entropy term (pitfall 10).
   dist = jnp.sum(cost * plan, axis=(1, 2))
   if return_plan:

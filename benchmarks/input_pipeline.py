@@ -1,0 +1,108 @@
+"""Input pipeline throughput: examples/s and MB/s for the UNITER-base shapes, beside what a step eats.
+
+    python benchmarks/input_pipeline.py                      # synthetic data in a temp folder
+    python benchmarks/input_pipeline.py --text-dir T --image-dir I   # your converted data
+    python benchmarks/input_pipeline.py --step-examples-per-s 900    # compare with a measured step
+
+Synthetic data: `--images` images with 36 to 100 regions x 2048 float16 features (plus 1601-d soft
+labels with --soft-labels), `--texts-per-image` captions of 8 to 60 tokens. Measures host batches
+(tf.data + join + padding; no device transfer) after `--warmup` batches, and reports MB/s of
+feature bytes delivered. The step's consumption rate (`--step-examples-per-s`) defaults to a
+placeholder to be replaced by benchmarks/train_step.py's measurement (examples/s of one UNITER-base
+pretraining step on the target accelerator); the verdict compares the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from uniter_jax.data import write_dataset  # noqa: E402
+from uniter_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
+
+# Placeholder until benchmarks/train_step.py measures it: UNITER-base pretraining on one H100,
+# token budget 16384 per step, about 0.1 s per step, about 160 examples per step.
+DEFAULT_STEP_EXAMPLES_PER_S = 1600.0
+
+
+def make_synthetic(root: str, images: int, texts_per_image: int, soft: bool, seed: int = 0) -> tuple[str, str]:
+  """Writes a synthetic image dataset and text dataset in the base shapes; returns their folders."""
+  rng = np.random.default_rng(seed)
+
+  def imgs():
+    for i in range(images):
+      n = int(rng.integers(36, 101))
+      rec = {"image_id": f"img{i}", "features": rng.standard_normal((n, 2048), np.float32).astype(np.float16),
+             "norm_bb": rng.uniform(size=(n, 6)).astype(np.float32), "conf": np.sort(rng.uniform(size=n))[::-1]}
+      if soft:
+        rec["soft_labels"] = rng.dirichlet(np.ones(1601), size=n).astype(np.float16)
+      yield rec
+
+  def txts():
+    for i in range(images):
+      for j in range(texts_per_image):
+        yield {"id": f"{i}_{j}", "image_id": f"img{i}", "input_ids": rng.integers(106, 28996, rng.integers(8, 61)).tolist()}
+
+  img_dir, txt_dir = os.path.join(root, "img"), os.path.join(root, "txt")
+  write_dataset(img_dir, images=imgs(), shard_mb=64)
+  write_dataset(txt_dir, texts=txts(), tokenizer={"cls_id": 101, "sep_id": 102, "vocab_size": 28996})
+  return txt_dir, img_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--text-dir", nargs="*", default=None)
+  ap.add_argument("--image-dir", nargs="*", default=None)
+  ap.add_argument("--images", type=int, default=600)
+  ap.add_argument("--texts-per-image", type=int, default=5)
+  ap.add_argument("--soft-labels", action="store_true")
+  ap.add_argument("--token-budget", type=int, default=16384)
+  ap.add_argument("--feat-dtype", default="float16")
+  ap.add_argument("--window-shards", type=int, default=2)
+  ap.add_argument("--batches", type=int, default=40)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--step-examples-per-s", type=float, default=DEFAULT_STEP_EXAMPLES_PER_S,
+                  help="examples/s one UNITER-base train step consumes (from benchmarks/train_step.py)")
+  args = ap.parse_args(argv)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.text_dir and args.image_dir:
+      txt, img = args.text_dir, args.image_dir
+    else:
+      t0 = time.time()
+      txt, img = make_synthetic(tmp, args.images, args.texts_per_image, args.soft_labels)
+      txt, img = [txt], [img]
+      print(f"synthetic data written in {time.time() - t0:.1f}s")
+    cfg = PipelineConfig(token_budget=args.token_budget, feat_dtype=args.feat_dtype, window_shards=args.window_shards,
+                         txt_buckets=(24, 40, 64), img_buckets=(36, 64, 100))
+    t0 = time.time()
+    pipe = InputPipeline(txt, img, config=cfg, process_index=0, process_count=1)
+    print(f"pipeline built in {time.time() - t0:.1f}s\n{pipe.report()}")
+    it = pipe.host_batches()
+    for _ in range(args.warmup):
+      next(it)
+    n_ex = n_bytes = 0
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+      b = next(it)
+      n_ex += b["input_ids"].shape[0]
+      n_bytes += sum(v.nbytes for v in b.values())
+    dt = time.perf_counter() - t0
+  rate = n_ex / dt
+  print(f"\ninput pipeline: {rate:.0f} examples/s, {n_bytes / dt / 2**20:.0f} MB/s of batch arrays "
+        f"({args.batches} batches, {os.cpu_count()} CPU cores, feat_dtype {args.feat_dtype})")
+  print(f"train step (UNITER-base) consumes: {args.step_examples_per_s:.0f} examples/s "
+        f"({'measured' if args.step_examples_per_s != DEFAULT_STEP_EXAMPLES_PER_S else 'placeholder'})")
+  print("verdict: " + ("input keeps up" if rate >= args.step_examples_per_s else
+                       f"input is {args.step_examples_per_s / rate:.1f}x too slow on this host"))
+
+
+if __name__ == "__main__":
+  main()

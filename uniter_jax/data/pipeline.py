@@ -1,0 +1,374 @@
+"""The tf.data input pipeline: dataset folders -> static-shape batches -> global jax.Arrays.
+
+    pipe = InputPipeline(text_dirs=["data/coco_txt"], image_dirs=["data/coco_img"], mesh=mesh,
+                         config=PipelineConfig(token_budget=16384, seed=0))
+    for batch in pipe:           # dict of jax.Arrays, batch dim sharded over ('data', 'fsdp')
+      state = pipe.state()       # small dict: save it with the checkpoint
+    pipe = InputPipeline(..., state=state)   # resumes with the exact next batch
+
+What decides batch contents lives in `plan.py` (NumPy, identical on every host). This module
+reads the planned shards with tf.data, joins each text with its image's regions, pads to the
+bucket's static shape, groups the planned batches (`group_by_window`, keyed by step) and hands
+them to JAX with `jax.make_array_from_process_local_data`.
+
+Batch fields (uniter_jax/batch.py): input_ids (B, Lt) int32 `[CLS] ids [SEP]` 0-padded, txt_mask
+(B, Lt) bool, img_feat (B, Li, D), img_pos (B, Li, 7) float32, img_mask (B, Li) bool,
+img_soft_labels (B, Li, C) when stored and asked for, img_ids (B,) int32 (stable hash of the
+image id; equal ids = same image), example_index (B,) int32 (the text's index in the
+concatenated text dirs, -1 on padding rows), and the texts' task fields: int -> (B,) int32,
+float -> (B,) float32, int_list -> (B, F) int32 padded with -1, float_list -> (B, F) float32
+padded with 0 (F = the longest in the data); str fields stay on the host (use example_index).
+Texts with k > 1 images (NLVR2) get image fields with an image axis: img_feat (B, k, Li, D), ...
+and img_ids (B,) hashes all k ids.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from uniter_jax.data import format as fmt
+from uniter_jax.data.plan import EpochPlan, Planner, describe_shapes
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+  """Pipeline settings. Sizes are global (all hosts together)."""
+
+  txt_buckets: tuple[int, ...] = (24, 40, 64)  # padded text lengths, [CLS] and [SEP] included
+  img_buckets: tuple[int, ...] = (36, 64, 100)  # padded region counts
+  token_budget: int = 16384  # tokens (text + regions, padding included) per global batch
+  batch_size: int | None = None  # fixed global batch size for every bucket (overrides token_budget)
+  batch_multiple: int = 8  # batch sizes are multiples of this and of the data-parallel size
+  max_txt_len: int = 60  # longer texts are truncated (and counted)
+  seed: int = 0
+  shuffle: bool = True
+  drop_remainder: bool = True  # False (eval): pad each bucket's last batch with empty rows
+  num_epochs: int | None = None  # None: repeat forever
+  window_shards: int = 2  # image shards held in memory and mixed together, per host
+  feat_dtype: str = "float32"  # float32, bfloat16 or float16 (as stored, cheapest to transfer)
+  soft_labels: bool | None = None  # deliver img_soft_labels; None = when every image dir stores them
+  img_dim: int | None = None  # the model's img_dim, checked against the features
+  vocab_size: int | None = None  # the model's vocab size, checked against the token ids
+  vocab_hash: str | None = None  # the model's vocab hash, checked against the text manifests
+  strict: bool = False  # texts whose image is missing: error instead of counted skip
+  batch_axes: tuple[str, ...] = ("data", "fsdp")  # mesh axes the batch dim is sharded over
+  prefetch: int = 2  # batches prepared ahead on the host and on the devices
+
+
+def _fingerprint(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class InputPipeline:
+  """Deterministic, resumable, bucketed batches of image-text pairs (see module docstring)."""
+
+  def __init__(
+      self,
+      text_dirs: list[str] | str,
+      image_dirs: list[str] | str,
+      *,
+      mesh=None,
+      config: PipelineConfig | None = None,
+      state: dict | None = None,
+      process_index: int | None = None,
+      process_count: int | None = None,
+      **overrides,
+  ):
+    import jax  # pylint: disable=g-import-not-at-top
+
+    self.config = c = dataclasses.replace(config or PipelineConfig(), **overrides)
+    self.text_dirs = [text_dirs] if isinstance(text_dirs, str) else list(text_dirs)
+    self.image_dirs = [image_dirs] if isinstance(image_dirs, str) else list(image_dirs)
+    self.mesh = mesh
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.batch_axes = tuple(a for a in c.batch_axes if mesh is not None and a in mesh.axis_names)
+    dp = 1
+    for a in self.batch_axes:
+      dp *= mesh.shape[a]
+    multiple = int(np.lcm.reduce([c.batch_multiple, dp, self.process_count]))
+    if c.batch_size is not None and c.batch_size % multiple:
+      raise ValueError(
+          f"batch_size {c.batch_size} must be a multiple of {multiple} (batch_multiple {c.batch_multiple}, "
+          f"data-parallel size {dp} over {self.batch_axes}, {self.process_count} hosts)"
+      )
+    self.planner = Planner(
+        self.text_dirs, self.image_dirs,
+        txt_buckets=c.txt_buckets, img_buckets=c.img_buckets,
+        batch_sizes=None if c.batch_size is None else collections.defaultdict(lambda: c.batch_size),
+        token_budget=c.token_budget, batch_multiple=multiple, max_txt_len=c.max_txt_len,
+        num_hosts=self.process_count, window_shards=c.window_shards, shuffle=c.shuffle,
+        drop_remainder=c.drop_remainder, seed=c.seed, img_dim=c.img_dim, vocab_size=c.vocab_size,
+        vocab_hash=c.vocab_hash, strict=c.strict,
+    )
+    p = self.planner
+    self.soft_labels = p.has_soft_labels if c.soft_labels is None else c.soft_labels
+    if self.soft_labels and not p.has_soft_labels:
+      raise fmt.DataError(f"soft_labels asked for, but not every image dir stores them ({self.image_dirs})")
+    self.cls_id, self.sep_id = int(p.tokenizer["cls_id"]), int(p.tokenizer["sep_id"])
+    self._prepare_fields()
+    self._fp = _fingerprint({
+        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("prefetch",)},
+        "texts": len(p.text_ids), "shards": [s.path.rsplit("/", 2)[-2:] for s in p.shards],
+        "hosts": self.process_count,
+    })
+    self._epoch, self._step = 0, 0
+    if state is not None:
+      self.restore(state)
+    self.steps_per_epoch = p.steps_per_epoch()
+    if self.steps_per_epoch == 0:
+      raise fmt.DataError(
+          f"no full batch in an epoch: {int(p.valid.sum())} usable texts for batch sizes "
+          f"{sorted(set(p.batch_sizes.tolist()))}; lower token_budget / batch_size or pass drop_remainder=False"
+      )
+
+  # -- public state and info.
+  @property
+  def stats(self) -> dict:
+    """Counted skips and truncations (text_missing_image, text_truncated, regions_truncated...)."""
+    return dict(self.planner.stats)
+
+  def report(self) -> str:
+    """A readable summary of the data, shapes and counted problems."""
+    p = self.planner
+    lines = [
+        f"{len(p.text_ids)} texts ({int(p.valid.sum())} usable) on {len(p.image_loc)} images in "
+        f"{len(p.shards)} shards; {self.steps_per_epoch} steps/epoch",
+        "buckets (global batch, text len, regions): " + ", ".join(map(str, self.shapes())),
+    ]
+    for k, v in sorted(p.stats.items()):
+      ex = p.stat_examples.get(k)
+      lines.append(f"  {k}: {v}" + (f" (e.g. {ex[:3]})" if ex else ""))
+    return "\n".join(lines)
+
+  def shapes(self) -> list[tuple[int, int, int]]:
+    """Static (global batch, Lt, Li) of every bucket: the shapes the train step compiles for."""
+    return describe_shapes(self.planner)
+
+  def state(self) -> dict:
+    """Position after the last batch handed out; JSON-serialisable, save it with the checkpoint."""
+    return {"epoch": self._epoch, "step": self._step, "fingerprint": self._fp}
+
+  def restore(self, state: dict) -> None:
+    """Continues from `state()`: the next batch is the one an uninterrupted run would yield."""
+    if state.get("fingerprint") not in (None, self._fp):
+      raise fmt.DataError(
+          "the saved data state belongs to another pipeline configuration or dataset (fingerprint "
+          f"{state.get('fingerprint')} != {self._fp}); resume with the same data and pipeline settings, "
+          "or start the data from scratch"
+      )
+    self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+  # -- task fields.
+  def _prepare_fields(self) -> None:
+    """Task fields as dense arrays over all texts (ints and floats), padded to the longest."""
+    p = self.planner
+    self.field_arrays: dict[str, np.ndarray] = {}
+    for k, t in (p.field_types or {}).items():
+      vals = p.fields[k]
+      if t == "int":
+        self.field_arrays[k] = np.asarray(vals, np.int64).astype(np.int32)
+      elif t == "float":
+        self.field_arrays[k] = np.asarray(vals, np.float32)
+      elif t in ("int_list", "float_list"):
+        width = max([len(v) for v in vals] + [1])
+        fill, dt = (-1, np.int32) if t == "int_list" else (0.0, np.float32)
+        arr = np.full((len(vals), width), fill, dt)
+        for i, v in enumerate(vals):
+          arr[i, : len(v)] = v
+        self.field_arrays[k] = arr
+
+  # -- tf.data.
+  def _window_arrays(self, plan: EpochPlan, w: int, sel: np.ndarray) -> dict:
+    """The text side of one window: image rows, token ids, keys and task fields of its examples."""
+    p = self.planner
+    k = p.images_per_text or 1
+    texts = plan.ex_text[sel]
+    real = texts >= 0
+    tj = np.where(real, texts, 0)
+    shard_ids = list(plan.windows[w])
+    extra = sorted(set(p.text_shard[tj[real]].ravel().tolist()) - set(shard_ids))
+    shard_ids += extra  # second images (NLVR2) living in other shards
+    offsets = np.zeros((len(p.shards),), np.int64)
+    acc = 0
+    for s in shard_ids:
+      offsets[s] = acc
+      acc += len(p.shards[s].image_ids)
+    rows = np.where(real[:, None], offsets[p.text_shard[tj]] + p.text_row[tj], 0)
+    nbb = np.where(real[:, None], np.minimum(p.text_nbb[tj], p.img_buckets[-1]), 0).astype(np.int32)
+    lens = np.where(real, np.minimum(p.text_len[tj], self.config.max_txt_len) + 2, 0).astype(np.int32)
+    width = int(max(lens.max(initial=0), 2))
+    ids = np.zeros((len(texts), width), np.int32)
+    for i in np.nonzero(real)[0]:
+      t = p.input_ids[tj[i]][: self.config.max_txt_len]
+      ids[i, 0] = self.cls_id
+      ids[i, 1 : 1 + t.size] = t
+      ids[i, 1 + t.size] = self.sep_id
+    out = {
+        "files": np.asarray([p.shards[s].path for s in shard_ids], object).astype(bytes),
+        "img_row": rows.reshape(-1, k), "nbb": nbb.reshape(-1, k), "txt_len": lens, "input_ids": ids,
+        "key": plan.ex_key[sel], "example_index": texts.astype(np.int32),
+        "img_ids": np.where(real, p.text_hash[tj], 0).astype(np.int32),
+    }
+    for name, arr in self.field_arrays.items():
+      v = arr[tj].copy()
+      if arr.ndim == 1:
+        v[~real] = 0
+      else:
+        v[~real] = -1 if arr.dtype == np.int32 else 0
+      out["f:" + name] = v
+    return out
+
+  def _windows(self, epoch: int, start_step: int) -> Iterator[dict]:
+    plan = self.planner.plan(epoch, self.process_index)
+    nb = self.planner.num_buckets
+    todo = plan.ex_key // nb >= start_step
+    for w in range(len(plan.windows)):
+      sel = np.nonzero(todo & (plan.ex_window == w))[0]
+      if sel.size:
+        yield self._window_arrays(plan, w, sel)
+
+  def _signature(self, tf) -> dict:
+    k = self.planner.images_per_text or 1
+    sig = {
+        "files": tf.TensorSpec([None], tf.string),
+        "img_row": tf.TensorSpec([None, k], tf.int64),
+        "nbb": tf.TensorSpec([None, k], tf.int32),
+        "txt_len": tf.TensorSpec([None], tf.int32),
+        "input_ids": tf.TensorSpec([None, None], tf.int32),
+        "key": tf.TensorSpec([None], tf.int64),
+        "example_index": tf.TensorSpec([None], tf.int32),
+        "img_ids": tf.TensorSpec([None], tf.int32),
+    }
+    for name, arr in self.field_arrays.items():
+      sig["f:" + name] = tf.TensorSpec([None] * arr.ndim, tf.as_dtype(arr.dtype))
+    return sig
+
+  def _epoch_dataset(self, epoch: int, start_step: int):
+    """One epoch of host-local batches from `start_step` on, as a tf.data.Dataset."""
+    tf = fmt._tf()  # pylint: disable=protected-access
+    p = self.planner
+    c = self.config
+    nb = p.num_buckets
+    k = p.images_per_text or 1
+    d = p.feat_dim
+    ncls = p.label_dim or 0
+    soft = self.soft_labels
+    feat_dtype = tf.as_dtype(c.feat_dtype)
+    n_img = len(p.img_buckets)
+    txt_sizes = tf.constant([p.bucket_shape(b)[0] for b in range(nb)], tf.int32)
+    img_sizes = tf.constant([p.bucket_shape(b)[1] for b in range(nb)], tf.int32)
+    local_bs = tf.constant(p.batch_sizes // self.process_count, tf.int64)
+    del n_img
+    spec = {
+        "features": tf.io.FixedLenFeature([], tf.string),
+        "img_pos": tf.io.FixedLenFeature([], tf.string),
+    }
+    if soft:
+      spec["soft_labels"] = tf.io.FixedLenFeature([], tf.string)
+    windows = tf.data.Dataset.from_generator(
+        lambda: self._windows(epoch, start_step), output_signature=self._signature(tf)
+    )
+
+    def load_window(w):
+      serialized = tf.data.TFRecordDataset(w["files"]).batch(1 << 30).get_single_element()
+      images = tf.io.parse_example(serialized, spec)
+      texts = {key: v for key, v in w.items() if key != "files"}
+
+      def region_block(raw, row, n, li, width, dtype, out_dtype):
+        x = tf.reshape(tf.io.decode_raw(raw[row], dtype), [-1, width])[:n]
+        x = tf.cast(x, out_dtype)
+        return tf.pad(x, [[0, li - n], [0, 0]])
+
+      def join(ex):
+        b = tf.cast(ex["key"] % nb, tf.int32)
+        lt, li = txt_sizes[b], img_sizes[b]
+        feats, poss, masks, softs = [], [], [], []
+        for s in range(k):
+          row, n = ex["img_row"][s], ex["nbb"][s]
+          feats.append(region_block(images["features"], row, n, li, d, tf.float16, feat_dtype))
+          poss.append(region_block(images["img_pos"], row, n, li, 7, tf.float32, tf.float32))
+          masks.append(tf.range(li) < n)
+          if soft:
+            softs.append(region_block(images["soft_labels"], row, n, li, ncls, tf.float16, feat_dtype))
+        pick = (lambda xs: xs[0]) if k == 1 else tf.stack
+        ids = ex["input_ids"][:lt]
+        out = {
+            "input_ids": tf.pad(ids, [[0, lt - tf.shape(ids)[0]]]),
+            "txt_mask": tf.range(lt) < ex["txt_len"],
+            "img_feat": pick(feats), "img_pos": pick(poss), "img_mask": pick(masks),
+            "img_ids": ex["img_ids"], "example_index": ex["example_index"], "key": ex["key"],
+        }
+        if soft:
+          out["img_soft_labels"] = pick(softs)
+        for name in self.field_arrays:
+          out[name] = ex["f:" + name]
+        return out
+
+      return tf.data.Dataset.from_tensor_slices(texts).map(join, num_parallel_calls=tf.data.AUTOTUNE)
+
+    ds = windows.interleave(load_window, cycle_length=1, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.group_by_window(
+        key_func=lambda ex: ex["key"],
+        reduce_func=lambda key, win: win.batch(local_bs[key % nb]),
+        window_size_func=lambda key: local_bs[key % nb],
+    )
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(max(1, c.prefetch))
+
+  # -- iteration.
+  def _batches_from(self, epoch: int, step: int) -> Iterator[tuple[dict, tuple[int, int]]]:
+    """(host-local NumPy batch, position after it) in step order, from (epoch, step) on."""
+    c = self.config
+    nb = self.planner.num_buckets
+    while c.num_epochs is None or epoch < c.num_epochs:
+      pending: dict[int, dict] = {}  # batches that completed on this host before their step
+      for batch in self._epoch_dataset(epoch, step).as_numpy_iterator():
+        pending[int(batch.pop("key")[0]) // nb] = batch
+        while step in pending:
+          out = pending.pop(step)
+          step += 1
+          yield out, ((epoch, step) if step < self.steps_per_epoch else (epoch + 1, 0))
+      if pending or step != self.steps_per_epoch:
+        raise RuntimeError(f"epoch {epoch} ended at step {step} of {self.steps_per_epoch} with {len(pending)} pending")
+      epoch, step = epoch + 1, 0
+
+  def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """Host-local NumPy batches in step order from the current state (advances the state)."""
+    for batch, (self._epoch, self._step) in self._batches_from(self._epoch, self._step):
+      yield batch
+
+  def _to_global(self, batch: dict[str, np.ndarray]) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+    sharding = NamedSharding(self.mesh, PartitionSpec(self.batch_axes or None))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+  def __iter__(self) -> Iterator[dict]:
+    """Global batches (jax.Arrays on the mesh; NumPy when no mesh), with device prefetch.
+
+    `state()` counts the batches this iterator has yielded, not those prefetched.
+    """
+    if self.mesh is None:
+      yield from self.host_batches()
+      return
+    source = self._batches_from(self._epoch, self._step)
+    queue: collections.deque = collections.deque()
+    # Transfers are asynchronous: keeping `prefetch` batches in flight overlaps them with the step.
+    for batch, pos in source:
+      queue.append((self._to_global(batch), pos))
+      if len(queue) > max(0, self.config.prefetch - 1):
+        out, (self._epoch, self._step) = queue.popleft()
+        yield out
+    while queue:
+      out, (self._epoch, self._step) = queue.popleft()
+      yield out
