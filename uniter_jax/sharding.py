@@ -110,19 +110,29 @@ def _fits(dim: int, axes: Any, mesh) -> bool:
 
 
 def state_specs(state: Any, rules: Rules) -> Any:
-  """PartitionSpecs for an nnx State (or any tree of Variables) from their logical names."""
+  """PartitionSpecs for a tree holding nnx Variables, from their logical names.
 
-  def one(v):
-    meta = v.get_metadata() if isinstance(v, nnx.Variable) else {}
-    # Flax stores `sharding_names` under "out_sharding" (older versions: "sharding_names").
-    names = meta.get("out_sharding", meta.get("sharding_names"))
-    return logical_to_spec(names, rules)
+  The result has the same tree structure as `state` (a Variable keeps its node, with the
+  spec as its value), so it can be zipped with `state` or given to jit as shardings.
+  Leaves outside Variables (steps, RNG keys, counters) are replicated.
+  """
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      meta = x.get_metadata()
+      # Flax keeps `sharding_names` under "out_sharding" (older versions: "sharding_names").
+      names = meta.get("out_sharding", meta.get("sharding_names"))
+      spec = logical_to_spec(names, rules)
+      if len(spec) > x.ndim:  # e.g. a scalar optimizer counter stored per parameter
+        spec = P()
+      return x.replace(spec)
+    return P()
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-  """NamedShardings for every leaf of an nnx State, from the rules table."""
+  """NamedShardings for every leaf of a tree holding nnx Variables, from the rules table."""
   specs = state_specs(state, rules)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))

@@ -1,0 +1,38 @@
+"""Entry point: `python main.py --config=configs/pretrain.py --workdir=DIR [--mode=train]`."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file (get_config(arg)).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics and exports go here.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") \
+      or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()  # several processes: one per host
+  try:  # TensorFlow is only the input pipeline: keep it off the accelerators.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except Exception:  # pylint: disable=broad-except
+    pass
+  import flax  # pylint: disable=import-outside-toplevel
+  logging.info("jax %s, flax %s; process %d/%d; devices: %s", jax.__version__,
+               flax.__version__, jax.process_index(), jax.process_count(), jax.devices())
+  from uniter_jax import train  # pylint: disable=import-outside-toplevel
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode)
+  logging.info("done: %s", result)
+
+
+if __name__ == "__main__":
+  app.run(main)

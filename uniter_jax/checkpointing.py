@@ -1,0 +1,166 @@
+"""Checkpoints (orbax) with exact resume, and msgpack export / import of parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx, serialization
+
+from uniter_jax.models import UniterConfig
+
+
+def make_manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True
+                 ) -> ocp.CheckpointManager:
+  """A CheckpointManager over `directory` holding the train state and the data position."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                         enable_async_checkpointing=async_save,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None,
+         *, force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})),
+      force=force)
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs with shardings: the restore target for `state`'s layout."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      state)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+            ) -> tuple[Any, dict, int] | None:
+  """Restores the latest (or given) step into `abstract_state`'s shapes and shardings.
+
+  The target's shardings decide the layout, so a checkpoint saved on 8 devices restores on
+  1 and vice versa. Returns None when the directory has no checkpoint.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  out = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  return out["state"], dict(out["data"] or {}), step
+
+
+def restore_params_from_orbax(directory: str, abstract_params: Any) -> Any:
+  """Only the parameters of the latest checkpoint under `directory` (for init_from)."""
+  mngr = make_manager(directory, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no orbax checkpoint found (expected step folders)")
+  meta = mngr.item_metadata(step)
+  del meta
+  target = {"params": abstract_params}
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+  return restored["state"]["params"]
+
+
+# ---------------------------------------------------------------------------------------
+# msgpack export
+
+
+def _atomic_write(path: str, data: bytes, overwrite: bool) -> None:
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True)")
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def export_msgpack(model: nnx.Module, directory: str, *, overwrite: bool = False) -> str:
+  """Writes DIR/params.msgpack (pure dict of parameters) and DIR/model_config.json."""
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  path = os.path.join(directory, "params.msgpack")
+  _atomic_write(path, serialization.msgpack_serialize(params), overwrite)
+  config = {"model_class": type(model).__name__, "config": model.config.to_dict()}
+  _atomic_write(os.path.join(directory, "model_config.json"),
+                json.dumps(config, indent=2).encode(), overwrite)
+  return path
+
+
+def read_msgpack(path: str) -> dict:
+  with open(path, "rb") as f:
+    return serialization.msgpack_restore(f.read())
+
+
+def load_params_into(model: nnx.Module, pure: dict, *, strict: bool = True,
+                     where: str = "") -> list[str]:
+  """Copies a pure parameter dict into `model`. Returns the model paths left untouched.
+
+  With strict, a missing or extra parameter is an error naming it; shapes must match.
+  Extra top-level heads in `pure` (e.g. pretraining heads when fine-tuning) are allowed
+  when strict=False, and parameters the file lacks keep their init.
+  """
+  state = nnx.state(model, nnx.Param)
+  ours = nnx.to_pure_dict(state)
+  flat_ours = dict(_flatten(ours))
+  flat_in = dict(_flatten(pure))
+  missing = sorted(set(flat_ours) - set(flat_in))
+  extra = sorted(set(flat_in) - set(flat_ours))
+  if strict and (missing or extra):
+    raise ValueError(f"{where}: parameters do not match the model: missing {missing[:10]}, "
+                     f"unexpected {extra[:10]}")
+  for k in set(flat_ours) & set(flat_in):
+    if tuple(np.shape(flat_ours[k])) != tuple(np.shape(flat_in[k])):
+      raise ValueError(f"{where}: parameter {'/'.join(k)} has shape {np.shape(flat_in[k])} "
+                       f"in the file but {np.shape(flat_ours[k])} in the model")
+  merged = {k: flat_in.get(k, v) for k, v in flat_ours.items()}
+  nnx.replace_by_pure_dict(state, _unflatten(merged))
+  nnx.update(model, state)
+  return ["/".join(k) for k in missing]
+
+
+def load_msgpack(path: str, model: nnx.Module | None = None, *, strict: bool = True
+                 ) -> nnx.Module:
+  """Loads DIR/params.msgpack into `model`, or into a model rebuilt from model_config.json."""
+  if model is None:
+    from uniter_jax.models import UniterForPretraining  # pylint: disable=import-outside-toplevel
+    cfg_path = os.path.join(os.path.dirname(path), "model_config.json")
+    if not os.path.exists(cfg_path):
+      raise FileNotFoundError(f"{cfg_path} is missing: pass a model, or keep model_config.json "
+                              "next to params.msgpack")
+    with open(cfg_path) as f:
+      meta = json.load(f)
+    model = UniterForPretraining(UniterConfig.from_dict(meta["config"]), rngs=nnx.Rngs(0))
+  load_params_into(model, read_msgpack(path), strict=strict, where=path)
+  return model
+
+
+def _flatten(tree: Any, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+  if isinstance(tree, dict):
+    out = []
+    for k, v in tree.items():
+      out += _flatten(v, prefix + (str(k),))
+    return out
+  return [(prefix, tree)]
+
+
+def _unflatten(flat: dict) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  return out

@@ -1,0 +1,439 @@
+"""The trainer: read top to bottom. `train_and_evaluate(config, workdir)` is the entry.
+
+Setup -> data -> model and sharded state -> (resume | init_from | scratch) -> jitted step
+-> loop (log, eval, checkpoint, preemption) -> final checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from uniter_jax import checkpointing, metrics as metrics_lib, optim, sharding
+from uniter_jax import train_step as step_lib
+from uniter_jax.masking import MaskingConfig
+from uniter_jax.models import UniterConfig, UniterForPretraining
+
+
+# ----------------------------------------------------------------------------------------
+# Config -> objects
+
+
+def _csv(value: str) -> list[str]:
+  return [v for v in (value or "").split(",") if v]
+
+
+@dataclasses.dataclass
+class DataSpec:
+  text_dirs: list[str]
+  image_dirs: list[str]
+  val_text_dirs: list[str]
+  val_image_dirs: list[str]
+  vocab: str
+
+
+def resolve_data(config) -> DataSpec:
+  """Data folders from the config; generates the synthetic world on first use."""
+  d = config.data
+  text, image = _csv(d.text_dirs), _csv(d.image_dirs)
+  val_text, val_image = _csv(d.val_text_dirs), _csv(d.val_image_dirs)
+  vocab = d.vocab
+  if d.synthetic:
+    from data_prep import synthetic  # pylint: disable=import-outside-toplevel
+    root = synthetic.ensure_dataset(d.synthetic, log=logging.info)
+    text = text or [os.path.join(root, "txt", "pretrain_train")]
+    image = image or [os.path.join(root, "img_db")]
+    val_text = val_text or [os.path.join(root, "txt", "pretrain_val")]
+    vocab = vocab or os.path.join(root, "vocab.txt")
+  if not text or not image:
+    raise ValueError("no training data: set --config.data.text_dirs and "
+                     "--config.data.image_dirs (folders made by data_prep), or "
+                     "--config.data.synthetic=DIR")
+  return DataSpec(text, image, val_text, val_image or image, vocab)
+
+
+def model_config_from(config, data_manifest: dict | None = None) -> UniterConfig:
+  """UniterConfig from config.model; fields set to -1 come from the data."""
+  m = config.model
+  base = UniterConfig.preset(m.preset) if m.preset in ("tiny", "base", "large") else UniterConfig()
+  fields = dict(m.overrides.to_dict()) if "overrides" in m else {}
+  for name in ("vocab_size", "img_dim", "img_label_dim"):
+    v = m[name]
+    if v == -1:
+      if not data_manifest or data_manifest.get(name) is None:
+        continue
+      v = data_manifest[name]
+    fields[name] = int(v)
+  fields["dtype"] = m.dtype
+  fields["remat_policy"] = m.remat_policy or None
+  fields["attention_impl"] = m.attention_impl or None
+  return dataclasses.replace(base, **fields)
+
+
+def masking_config(config, vocab_path: str) -> MaskingConfig:
+  """Special ids read from the vocab by name; random MLM ids start after the last [..] token."""
+  from uniter_jax.data.tokenizer import WordPieceTokenizer  # pylint: disable=import-outside-toplevel
+  tok = WordPieceTokenizer(vocab_path)
+  bracketed = [i for t, i in tok.vocab.items() if re.fullmatch(r"\[.*\]", t)]
+  start = max(bracketed) + 1 if bracketed else 0
+  specials = sorted({tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})
+  return MaskingConfig(mask_id=tok.mask_id, special_ids=tuple(specials),
+                       random_range=(start, len(tok.vocab)), mlm_prob=config.mlm_prob,
+                       mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob)
+
+
+def make_pipeline(config, text_dirs, image_dirs, mesh, *, model_cfg: UniterConfig, seed: int,
+                  train: bool, state: dict | None = None, soft_labels: bool | None = None):
+  from uniter_jax.data.pipeline import InputPipeline, PipelineConfig  # pylint: disable=import-outside-toplevel
+  d = config.data
+  pc = PipelineConfig(
+      txt_buckets=tuple(d.txt_buckets), img_buckets=tuple(d.img_buckets),
+      token_budget=d.token_budget or 16384, batch_size=d.batch_size or None,
+      max_txt_len=d.max_txt_len, seed=seed, shuffle=train, drop_remainder=True,
+      feat_dtype=d.feat_dtype, img_dim=model_cfg.img_dim, vocab_size=model_cfg.vocab_size,
+      soft_labels=soft_labels, batch_axes=tuple(a for a in mesh.axis_names))
+  return InputPipeline(text_dirs, image_dirs, mesh=mesh, config=pc, state=state)
+
+
+def data_sizes(spec: DataSpec) -> dict:
+  """img_dim, img_label_dim and vocab_size as the data declares them."""
+  from uniter_jax.data import format as fmt  # pylint: disable=import-outside-toplevel
+  images = fmt.read_manifest(spec.image_dirs[0]).get("images", {})
+  out = {"img_dim": images.get("feat_dim"), "img_label_dim": images.get("label_dim")}
+  if spec.vocab:
+    with open(spec.vocab, encoding="utf-8") as f:
+      out["vocab_size"] = sum(1 for _ in f)
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+# State
+
+
+def make_model_fn(model_cfg: UniterConfig, seed: int) -> Callable[[], nnx.Module]:
+  return lambda: UniterForPretraining(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+def make_optimizer(config, abstract_params):
+  o = config.optimizer
+  return optim.make_optimizer(
+      abstract_params, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps,
+      b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+      lr_mul=dict(o.get("lr_mul", {}) or {}), mu_dtype=o.mu_dtype or None)
+
+
+def init_state_fn(model_fn, tx, seed: int) -> Callable[[], dict]:
+  def init():
+    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
+    return {"params": params, "rest": rest, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+  return init
+
+
+def state_shardings(abstract_state, mesh, rules):
+  """Params and optimizer moments by their logical names; scalars replicated."""
+  return sharding.state_shardings(abstract_state, mesh, rules)
+
+
+def create_state(init_fn, shardings, mesh, rules):
+  """The state created directly sharded inside a jit (never whole on one device)."""
+  with jax.set_mesh(mesh), sharding.use_rules(rules):
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def load_init_from(path: str, state: dict, graphdef) -> dict:
+  """Replaces the parameters by those of a msgpack export, an orbax checkpoint or .pt/.npz."""
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.msgpack")):
+    abstract = checkpointing.abstract_like(state["params"])
+    params = checkpointing.restore_params_from_orbax(path, abstract)
+    return dict(state, params=params)
+  if path.endswith(".msgpack") or os.path.isdir(path):
+    f = path if path.endswith(".msgpack") else os.path.join(path, "params.msgpack")
+    missing = checkpointing.load_params_into(model, checkpointing.read_msgpack(f),
+                                             strict=False, where=f)
+  else:
+    from uniter_jax import interop  # pylint: disable=import-outside-toplevel
+    missing = interop.load_official_into(model, path)
+  if missing:
+    logging.info("init_from %s: %d parameters keep their init: %s", path, len(missing),
+                 missing[:8])
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  shard = jax.tree.map(lambda x: x.sharding, state["params"])
+  return dict(state, params=jax.device_put(params, shard))
+
+
+# ----------------------------------------------------------------------------------------
+# Batches
+
+
+def stack_microbatches(batches: list[dict]) -> dict:
+  """k batches -> arrays with a leading micro-batch axis, padded to common (Lt, Li)."""
+  if len(batches) == 1:
+    return batches[0]
+  lt = max(b["input_ids"].shape[1] for b in batches)
+  li = max(b["img_feat"].shape[1] for b in batches)
+  axis_len = {"input_ids": lt, "txt_mask": lt, "txt_type_ids": lt, "img_feat": li,
+              "img_pos": li, "img_mask": li, "img_type_ids": li, "img_soft_labels": li}
+
+  def pad(name, x):
+    if name not in axis_len or x.shape[1] == axis_len[name]:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, axis_len[name] - x.shape[1])
+    return jnp.pad(x, widths)
+
+  return {k: jnp.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}
+
+
+def batch_shardings(batch: dict, mesh, rules, micro: bool) -> dict:
+  spec = sharding.logical_to_spec(("batch",), rules)
+  lead = (None,) if micro else ()
+  return {k: NamedSharding(mesh, P(*lead, *spec)) for k in batch}
+
+
+# ----------------------------------------------------------------------------------------
+# Preemption
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebooks): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def say(msg: str, *args) -> None:
+  """Progress for people: printed on process 0 (absl logs stay quiet by default)."""
+  text = msg % args if args else msg
+  logging.info("%s", text)
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Main entry
+
+
+def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
+  """Runs `mode` ("train", "eval" or "export") with `config` in `workdir`; returns summary."""
+  os.makedirs(workdir, exist_ok=True)
+  rules = [tuple(r) if not isinstance(r[1], list) else (r[0], tuple(r[1]))
+           for r in config.sharding_rules]
+  rules = [(k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules]
+  mesh = sharding.make_mesh(dict(config.mesh))
+  logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(),
+               jax.devices()[0].device_kind)
+
+  # -- Data ------------------------------------------------------------------------------
+  spec = resolve_data(config)
+  model_cfg = model_config_from(config, data_sizes(spec))
+  mask_cfg = masking_config(config, spec.vocab)
+  tasks = tuple(config.tasks.keys())
+  ratios = tuple(float(config.tasks[t]) for t in tasks)
+  needs_soft = any(t in ("mrc", "mrckl") for t in tasks)
+  dp = 1
+  for a in sharding.logical_to_spec(("batch",), rules)[0] or ():
+    dp *= mesh.shape[a] if isinstance(a, str) else 1
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    json.dump({"model_class": "UniterForPretraining", "config": model_cfg.to_dict()}, f,
+              indent=2)
+
+  # -- Model and sharded state -------------------------------------------------------------
+  model_fn = make_model_fn(model_cfg, config.seed)
+  abstract_model = nnx.eval_shape(model_fn)
+  graphdef, abs_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+  tx, schedule = make_optimizer(config, abs_params)
+  init_fn = init_state_fn(model_fn, tx, config.seed)
+  abstract_state = jax.eval_shape(init_fn)
+  shardings = state_shardings(abstract_state, mesh, rules)
+  abstract_sharded = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      shardings)
+
+  ckpt = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  restored = checkpointing.restore(ckpt, abstract_sharded)
+  data_state = None
+  if restored is not None:
+    state, data_state, at = restored
+    say("resumed from %s at step %d", ckpt.directory, at)
+  else:
+    state = create_state(init_fn, shardings, mesh, rules)
+    if config.init_from:
+      state = load_init_from(config.init_from, state, graphdef)
+      logging.info("initialised parameters from %s", config.init_from)
+
+  if mode == "export":
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    path = checkpointing.export_msgpack(model, os.path.join(workdir, "export"),
+                                        overwrite=config.get("export_overwrite", False))
+    logging.info("exported parameters to %s", path)
+    ckpt.close()
+    return {"export": path}
+
+  step_cfg = step_lib.StepConfig(
+      tasks=tasks, ratios=ratios,
+      masking=dataclasses.replace(mask_cfg, itm_group_size=None), ot_lambda=config.ot_lambda,
+      ot_options=(("solver", config.ot_solver),), rules=tuple(rules))
+  eval_fn = jax.jit(step_lib.make_eval_step(graphdef, step_cfg))
+
+  def evaluate(state) -> dict:
+    if not spec.val_text_dirs:
+      return {}
+    pipe = make_pipeline(config, spec.val_text_dirs, spec.val_image_dirs, mesh,
+                         model_cfg=model_cfg, seed=0, train=False,
+                         soft_labels=True if needs_soft else None)
+    sums: dict[str, float] = {}
+    n = 0
+    with jax.set_mesh(mesh):
+      for i, batch in zip(range(config.eval_batches), pipe):
+        out = eval_fn(state["params"], state["rest"], step_lib.model_fields(batch),
+                      jax.random.PRNGKey(1000 + i))
+        for k, v in out.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+  if mode == "eval":
+    result = evaluate(state)
+    metrics_lib.Writer(workdir, subdir="eval").write(int(state["step"]), result)
+    ckpt.close()
+    return result
+
+  # -- Train step ----------------------------------------------------------------------------
+  # ITM negatives are drawn within each device's slice of the batch (no cross-device swap).
+  group = (config.data.batch_size // dp) if config.data.batch_size else None
+  step_cfg = dataclasses.replace(
+      step_cfg, masking=dataclasses.replace(mask_cfg, itm_group_size=group))
+  step_fn = step_lib.make_train_step(graphdef, tx, step_cfg, schedule)
+  pipe = make_pipeline(config, spec.text_dirs, spec.image_dirs, mesh, model_cfg=model_cfg,
+                       seed=config.seed, train=True, state=data_state or None,
+                       soft_labels=True if needs_soft else None)
+  say("%s", pipe.report())
+  micro = config.grad_accum_steps > 1
+  jitted: dict = {}
+
+  def get_step(batch):
+    key = tuple(batch.keys())
+    if key not in jitted:
+      jitted[key] = jax.jit(step_fn, in_shardings=(shardings,
+                                                   batch_shardings(batch, mesh, rules, micro)),
+                            out_shardings=(shardings, None), donate_argnums=(0,))
+    return jitted[key]
+
+  writer = metrics_lib.Writer(workdir)
+  eval_writer = metrics_lib.Writer(workdir, subdir="eval")
+  start = int(state["step"])
+  progress = metrics_lib.Progress(config.total_steps, start)
+  batches: Iterator[dict] = iter(pipe)
+  pending: list[tuple[int, dict]] = []
+  last_eval: dict = {}
+  flops_per_step = None
+  t_log, n_ex, n_tok = time.time(), 0, 0
+  peak = metrics_lib.device_peak_flops()
+  step = start
+
+  def flush_metrics(step: int) -> None:
+    nonlocal pending, t_log, n_ex, n_tok
+    if not pending:
+      return
+    host = [(s, jax.device_get(m)) for s, m in pending]
+    pending = []
+    for s, m in host:
+      if not np.isfinite(m["loss"]):
+        raise NonFiniteLoss(
+            f"non-finite loss {m['loss']} at step {s} (task {tasks[int(m['task'])]}); the "
+            f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+    dt = max(time.time() - t_log, 1e-9)
+    out = {"loss": np.mean([m["loss"] for _, m in host]),
+           "lr": float(host[-1][1]["lr"]), "grad_norm": np.mean([m["grad_norm"] for _, m in host]),
+           "examples_per_sec": n_ex / dt, "tokens_per_sec": n_tok / dt,
+           "steps_per_sec": len(host) / dt}
+    for i, t in enumerate(tasks):
+      chosen = [m for _, m in host if int(m["task"]) == i]
+      if chosen:
+        out[f"loss_{t}"] = np.mean([m["loss"] for m in chosen])
+        if t == "itm":
+          out["ot_pos"] = np.mean([m["ot_pos"] for m in chosen])
+          out["ot_neg"] = np.mean([m["ot_neg"] for m in chosen])
+          out["itm_accuracy"] = np.mean([m["accuracy"] for m in chosen])
+    if flops_per_step and peak:
+      out["mfu"] = flops_per_step * len(host) / dt / (peak * jax.device_count())
+    writer.write(step, out)
+    say("%s", progress.line(step, out["loss"]))
+    t_log, n_ex, n_tok = time.time(), 0, 0
+
+  with _Preemption() as preempt, jax.set_mesh(mesh):
+    try:
+      while step < config.total_steps:
+        group_batches = [step_lib.model_fields(next(batches))
+                         for _ in range(config.grad_accum_steps)]
+        batch = stack_microbatches(group_batches)
+        fn = get_step(batch)
+        if flops_per_step is None:
+          t0 = time.time()
+          compiled = fn.lower(state, batch).compile()
+          flops_per_step = metrics_lib.compiled_flops(compiled) or 0.0
+          say("compiled the train step in %.1fs (%.3g FLOPs/step)", time.time() - t0,
+                       flops_per_step)
+        state, m = fn(state, batch)
+        step += 1
+        n_ex += sum(int(b["input_ids"].shape[0]) for b in group_batches)
+        n_tok += sum(int(b["input_ids"].size + b["img_mask"].size) for b in group_batches)
+        pending.append((step, m))
+        if step % config.log_every_steps == 0 or step == config.total_steps:
+          flush_metrics(step)
+        if config.eval_every_steps and (step % config.eval_every_steps == 0
+                                        or step == config.total_steps):
+          last_eval = evaluate(state)
+          eval_writer.write(step, last_eval)
+          say("eval at step %d: %s", step,
+                       {k: round(v, 4) for k, v in last_eval.items()})
+        stop = preempt.requested or ckpt.reached_preemption(step)
+        if step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop:
+          flush_metrics(step)  # never save a non-finite state
+          checkpointing.save(ckpt, step, state, pipe.state(), force=True)
+        if stop:
+          logging.warning("stopped at step %d after saving a checkpoint", step)
+          break
+    finally:
+      ckpt.wait_until_finished()
+      writer.close()
+      eval_writer.close()
+  ckpt.close()
+  return {"step": step, "eval": last_eval, "preempted": preempt.requested}
