@@ -1,0 +1,1 @@
+"""Text grammars, one module per task; each reads only the kept scene description."""
