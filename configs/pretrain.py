@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.vocab = ""  # vocab.txt; default: the synthetic world's
   c.data.batch_size = 32  # global examples per micro-batch (fixed per bucket)
   c.data.token_budget = 0  # >0: token budget per micro-batch instead of a fixed batch size
-  c.data.txt_buckets = (24, 40)
+  c.data.txt_buckets = (40,)  # one bucket: one compile on CPU
   c.data.img_buckets = (16,)
   c.data.max_txt_len = 38  # synthetic texts are short; the official max_txt_len is 60
   c.data.feat_dtype = "float32"
@@ -55,12 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,
       grad_clip=5.0, mu_dtype=""))
-  c.total_steps = 1200
+  c.total_steps = 800
   c.log_every_steps = 50
   c.eval_every_steps = 400
   c.eval_batches = 8
   c.checkpoint_every_steps = 400
   c.keep_checkpoints = 2
+  c.stop_at_step = 0  # >0: save and stop there as if preempted (tests, debugging)
   common.mesh_config(c)
 
   if a.variant == "tiny":  # tests and smoke runs: seconds, not minutes

@@ -8,8 +8,16 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Identical programs (the trainer runs of the resume test, say) compile once per session.
+CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                  tempfile.mkdtemp(prefix="uniter_jax_cache_"))
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 
@@ -21,3 +29,14 @@ def mesh():
 
   assert jax.device_count() == 8, jax.devices()
   return sharding.make_mesh({"data": 4, "fsdp": 2})
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+  """A small synthetic world (120 images, 64-d features) shared by the trainer tests."""
+  from data_prep import synthetic
+
+  out = tmp_path_factory.mktemp("tiny_world") / "world"
+  synthetic.generate(str(out), num_images=120, seed=0, img_dim=64, workers=1,
+                     log=lambda *_: None)
+  return str(out)

@@ -53,7 +53,10 @@ def resolve_data(config) -> DataSpec:
   vocab = d.vocab
   if d.synthetic:
     from data_prep import synthetic  # pylint: disable=import-outside-toplevel
-    root = synthetic.ensure_dataset(d.synthetic, log=logging.info)
+    root = os.path.abspath(d.synthetic)
+    if synthetic.read_world_manifest(root) is None:  # any complete world is used as it is
+      say("generating the synthetic world in %s (first run only) ...", root)
+      root = synthetic.ensure_dataset(root, log=logging.info)
     text = text or [os.path.join(root, "txt", "pretrain_train")]
     image = image or [os.path.join(root, "img_db")]
     val_text = val_text or [os.path.join(root, "txt", "pretrain_val")]
@@ -424,7 +427,8 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
           eval_writer.write(step, last_eval)
           say("eval at step %d: %s", step,
                        {k: round(v, 4) for k, v in last_eval.items()})
-        stop = preempt.requested or ckpt.reached_preemption(step)
+        stop = (preempt.requested or ckpt.reached_preemption(step)
+                or step == config.get("stop_at_step", 0))
         if step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop:
           flush_metrics(step)  # never save a non-finite state
           checkpointing.save(ckpt, step, state, pipe.state(), force=True)

@@ -218,7 +218,7 @@ class DatasetWriter:
     if isinstance(example, self._tf.train.Example):
       data = example.SerializeToString(deterministic=True)
     else:  # an object with its own SerializeToString (subclass adapters)
-      data = example.SerializeToString(deterministic=True)
+      data = example.SerializeToString()
     w = self._writer[kind]
     if w is None:
       name = f"{kind}-{len(self._shards[kind]):05d}.tfrecord"
