@@ -3,9 +3,10 @@
 Name mapping (uniter_spec.md section 7): torch Linear `weight` (out, in) is our `kernel`
 (in, out); LayerNorm `weight` is `scale`; Embedding `weight` is `embedding`. Encoder layers
 `encoder.layer.{l}.*` are stacked on a leading axis of `encoder.layer.*`; `attention.self`
-is `attention.self_attn`. In the nn.Sequential heads, `net.0` is `dense`, `net.2` is
-`LayerNorm` and `net.3` is `classifier`. The tied tensors `cls.predictions.decoder.weight`
-and `feat_regress.weight` are the word embedding and img_linear weight: stored once here.
+is `attention.self_attn`. In the nn.Sequential heads (SEQUENTIAL_HEADS), `net.0` / `.0` is
+`dense`, `net.2` / `.2` is `LayerNorm` and `net.3` / `.3` is `classifier`. The tied tensors
+`cls.predictions.decoder.weight` and `feat_regress.weight` are the word embedding and
+img_linear weight: stored once here.
 """
 
 from __future__ import annotations
@@ -20,36 +21,56 @@ TIED = {
     "cls.predictions.decoder.weight": "uniter.embeddings.word_embeddings.weight",
     "feat_regress.weight": "uniter.img_embeddings.img_linear.weight",
 }
-# Official tensors that UNITER never uses in forward.
-IGNORED_PREFIXES = ("cls.seq_relationship.",)
+# Official tensors that no UNITER forward uses: BERT's NSP head and the position-id buffer
+# that newer BERT checkpoints carry.
+IGNORED_PREFIXES = ("cls.seq_relationship.", "uniter.embeddings.position_ids")
 
-_SEQUENTIAL = {
-    "feat_regress": {"0": "dense", "2": "LayerNorm"},
-    "region_classifier": {"0": "dense", "2": "LayerNorm", "3": "classifier"},
+# nn.Sequential heads: official module name -> (container inside it, index -> our name).
+# `feat_regress.net.0.weight` is `feat_regress/dense/kernel`; `vqa_output.3.weight` is
+# `vqa_output/classifier/kernel`. Task heads add themselves with register_sequential_head.
+SEQUENTIAL_HEADS: dict[str, tuple[str, dict[str, str]]] = {
+    "feat_regress": ("net", {"0": "dense", "2": "LayerNorm"}),
+    "region_classifier": ("net", {"0": "dense", "2": "LayerNorm", "3": "classifier"}),
+    "vqa_output": ("", {"0": "dense", "2": "LayerNorm", "3": "classifier"}),
 }
 _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings",
                "mask_embedding")
 
 
+def register_sequential_head(name: str, indices: Mapping[str, str], container: str = ""
+                             ) -> None:
+  """Declares an official nn.Sequential head `name[.container].{i}.*` -> `name/indices[i]/*`."""
+  SEQUENTIAL_HEADS[name] = (container, dict(indices))
+
+
+def _is_layer_norm(owner: str) -> bool:
+  return owner == "LayerNorm" or owner.endswith("layer_norm")
+
+
 def official_to_path(name: str) -> tuple[tuple[str, ...], int | None, bool]:
   """Official tensor name -> (our parameter path, layer index or None, transpose?)."""
-  name = name.replace(".gamma", ".weight").replace(".beta", ".bias")  # old BERT names
+  name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))  # old BERT
   parts = name.split(".")
   layer = None
-  if parts[:3] == ["uniter", "encoder", "layer"]:
+  if parts[:3] == ["uniter", "encoder", "layer"] and len(parts) > 3 and parts[3].isdigit():
     layer = int(parts[3])
     parts = parts[:3] + parts[4:]
   parts = ["self_attn" if p == "self" else p for p in parts]
-  if parts[0] in _SEQUENTIAL and len(parts) == 4 and parts[1] == "net":
-    parts = [parts[0], _SEQUENTIAL[parts[0]][parts[2]], parts[3]]
-  leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
+  if parts[0] in SEQUENTIAL_HEADS:
+    container, indices = SEQUENTIAL_HEADS[parts[0]]
+    rest = parts[1:]
+    if container and rest[:1] == [container]:
+      rest = rest[1:]
+    elif container:
+      rest = None
+    if rest is not None and len(rest) == 2 and rest[0] in indices:
+      parts = [parts[0], indices[rest[0]], rest[1]]
+  owner = parts[-2] if len(parts) > 1 else ""
   transpose = False
-  if leaf == "weight":
+  if parts[-1] == "weight":
     if owner in _EMBEDDINGS:
       parts[-1] = "embedding"
-    elif "LayerNorm" in owner or owner.endswith("layer_norm") or owner == "LayerNorm":
-      parts[-1] = "scale"
-    elif parts[0] in _SEQUENTIAL and owner == "LayerNorm":
+    elif _is_layer_norm(owner):
       parts[-1] = "scale"
     else:
       parts[-1], transpose = "kernel", True
@@ -59,15 +80,24 @@ def official_to_path(name: str) -> tuple[tuple[str, ...], int | None, bool]:
 def path_to_official(path: tuple[str, ...], layer: int | None = None) -> str:
   """Inverse of official_to_path for one (unstacked) parameter."""
   parts = list(path)
-  leaf, owner = parts[-1], parts[-2]
+  leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
   parts[-1] = {"embedding": "weight", "scale": "weight", "kernel": "weight"}.get(leaf, leaf)
-  if parts[0] in _SEQUENTIAL and len(parts) == 3:
-    inv = {v: k for k, v in _SEQUENTIAL[parts[0]].items()}
-    parts = [parts[0], "net", inv[owner], parts[-1]]
+  if parts[0] in SEQUENTIAL_HEADS and len(parts) == 3:
+    container, indices = SEQUENTIAL_HEADS[parts[0]]
+    inv = {v: k for k, v in indices.items()}
+    if owner in inv:
+      parts = [parts[0]] + ([container] if container else []) + [inv[owner], parts[-1]]
   parts = ["self" if p == "self_attn" else p for p in parts]
   if parts[:3] == ["uniter", "encoder", "layer"]:
+    if layer is None:
+      raise ValueError(f"encoder parameter {'/'.join(path)} needs a layer index")
     parts = parts[:3] + [str(layer)] + parts[3:]
   return ".".join(parts)
+
+
+def is_stacked(path: tuple[str, ...]) -> bool:
+  """True for encoder parameters, which we stack on a leading layer axis."""
+  return tuple(path[:3]) == ("uniter", "encoder", "layer")
 
 
 def state_dict_to_pure(state_dict: Mapping[str, Any], num_layers: int
@@ -103,47 +133,139 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def from_official_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested mappings (torch collate's `ot_inputs`) -> dotted keys, as an .npz stores them."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    elif v is not None:
+      out[prefix + k] = v
+  return out
+
+
+def _np(value: Any, dtype=None) -> np.ndarray:
+  if type(value).__module__.startswith("torch"):
+    value = value.detach().cpu().numpy()
+  return np.asarray(value) if dtype is None else np.asarray(value).astype(dtype)
+
+
+def _check(cond: bool, what: str) -> None:
+  if not cond:
+    raise ValueError(f"from_official_batch: {what}")
+
+
+def from_official_batch(batch: Mapping[str, Any], *, validate: bool = True
+                        ) -> dict[str, np.ndarray]:
   """A batch in the official collate layout (compact, `gather_index`) -> our batch fields.
 
-  Text lengths come from `gather_index` (the first position that points into the region
-  block) and region counts from `attn_masks`, so no auxiliary field is needed. Targets
-  given for the masked positions only (`feat_targets`, `label_targets`) are scattered to
-  dense (B, Li, ...) arrays in row-major order of `img_masks`, as the collate built them.
+  Accepts NumPy arrays or CPU torch tensors, nested (`batch["ot_inputs"]["txt_pad"]`) or
+  dotted (`batch["ot_inputs.txt_pad"]`, as in an .npz) keys. Text lengths come from
+  `gather_index` (the first position that points into the region block) and region counts
+  from `attn_masks`. Targets given for the masked positions only (`feat_targets`,
+  `label_targets`) are scattered to dense (B, Li, ...) arrays in row-major order of
+  `img_masks`, as the collate built them. `targets` becomes `itm_targets` when it is (B,)
+  (ITM) and stays `targets` when it is (B, num_answers) (VQA / VE soft scores).
+
+  With `validate` (default) the redundant official fields are checked against the layout
+  derived here (gather_index, position_ids, img_mask_tgt, ot_inputs pads), so a batch in
+  some other layout fails loudly instead of giving silently wrong outputs.
   """
-  ids = np.asarray(batch["input_ids"])
+  batch = _flatten(batch)
+  ids = _np(batch["input_ids"])
   b, lt = ids.shape
-  img_feat = np.asarray(batch["img_feat"], np.float32)
+  img_feat = _np(batch["img_feat"], np.float32)
   li = img_feat.shape[1]
-  attn = np.asarray(batch["attn_masks"]).astype(bool)
-  gather = np.asarray(batch["gather_index"])
+  attn = _np(batch["attn_masks"]).astype(bool)
+  gather = _np(batch["gather_index"])
   total = attn.sum(1)
   in_img = (gather >= lt) & attn
   txt_len = np.where(in_img.any(1), in_img.argmax(1), total)
   num_bb = total - txt_len
+  txt_mask = np.arange(lt)[None] < txt_len[:, None]
+  img_mask = np.arange(li)[None] < num_bb[:, None]
   out = {
       "input_ids": ids.astype(np.int32),
-      "txt_mask": np.arange(lt)[None] < txt_len[:, None],
+      "txt_mask": txt_mask,
       "img_feat": img_feat,
-      "img_pos": np.asarray(batch["img_pos_feat"], np.float32),
-      "img_mask": np.arange(li)[None] < num_bb[:, None],
+      "img_pos": _np(batch["img_pos_feat"], np.float32),
+      "img_mask": img_mask,
   }
-  for ours, theirs in (("txt_type_ids", "txt_type_ids"), ("img_type_ids", "img_type_ids")):
-    if theirs in batch:
-      out[ours] = np.asarray(batch[theirs], np.int32)
+  if validate:
+    _check(bool(np.all(attn == (np.arange(attn.shape[1])[None] < total[:, None]))),
+           "attn_masks must be 1 for each example's text and regions, then 0 (compact layout)")
+    _check(bool(np.all(num_bb <= li)) and bool(np.all(txt_len <= lt)),
+           f"lengths exceed the padded blocks (Lt={lt}, Li={li})")
+    pos = np.arange(attn.shape[1])[None]
+    want = np.where(pos < txt_len[:, None], pos, lt + pos - txt_len[:, None])
+    _check(bool(np.all(np.where(attn, gather == want, True))),
+           "gather_index does not map text then regions compactly "
+           "(text i -> i, region j -> Lt + j)")
+    if "position_ids" in batch:
+      pids = _np(batch["position_ids"])
+      _check(bool(np.all(pids == np.arange(pids.shape[-1]))),
+             "position_ids must be 0..Lt-1 (text positions are implicit here)")
+    if "ot_inputs.txt_pad" in batch:
+      tp = _np(batch["ot_inputs.txt_pad"]).astype(bool)
+      _check(tp.shape[1] <= lt and bool(np.all(tp == ~txt_mask[:, :tp.shape[1]])),
+             "ot_inputs.txt_pad disagrees with the text lengths from gather_index")
+    if "ot_inputs.img_pad" in batch:
+      ip = _np(batch["ot_inputs.img_pad"]).astype(bool)
+      _check(ip.shape[1] <= li and bool(np.all(ip == ~img_mask[:, :ip.shape[1]])),
+             "ot_inputs.img_pad disagrees with the region counts from attn_masks")
+  for key in ("txt_type_ids", "img_type_ids"):
+    if key in batch:
+      out[key] = _np(batch[key], np.int32)
   if "txt_labels" in batch:
-    out["txt_labels"] = np.asarray(batch["txt_labels"], np.int32)
+    labels = _np(batch["txt_labels"], np.int32)
+    if labels.shape[1] > lt:  # Labels padded to the joint length: regions are -1 there.
+      labels = labels[:, :lt]
+    out["txt_labels"] = labels
   if "img_masks" in batch:
-    masked = np.asarray(batch["img_masks"]).astype(bool)
+    masked = _np(batch["img_masks"]).astype(bool)
+    if masked.shape[1] < li:
+      masked = np.pad(masked, ((0, 0), (0, li - masked.shape[1])))
+    if validate:
+      _check(not bool(np.any(masked & ~img_mask)), "img_masks marks padded regions")
+      if "img_mask_tgt" in batch:
+        tgt = _np(batch["img_mask_tgt"]).astype(bool)
+        j = np.arange(tgt.shape[1])[None] - txt_len[:, None]
+        want_tgt = (j >= 0) & (j < num_bb[:, None]) & np.take_along_axis(
+            masked, np.clip(j, 0, li - 1), axis=1)
+        _check(bool(np.all(tgt == want_tgt)),
+               "img_mask_tgt disagrees with img_masks placed after each example's text")
     out["img_masked"] = masked
     for key in ("feat_targets", "label_targets"):
       if key in batch:
-        rows = np.asarray(batch[key], np.float32)
+        rows = _np(batch[key], np.float32)
+        _check(rows.shape[0] == masked.sum(),
+               f"{key} has {rows.shape[0]} rows but img_masks marks {masked.sum()} regions")
         dense = np.zeros((b, li, rows.shape[-1]), np.float32)
         dense[masked] = rows
         out[key] = dense
   if "targets" in batch:
-    t = np.asarray(batch["targets"])
-    out["itm_targets" if t.ndim == 1 else "targets"] = (
-        t.astype(np.int32) if t.ndim == 1 else t.astype(np.float32))
+    t = _np(batch["targets"])
+    if t.ndim == 1:
+      out["itm_targets"] = t.astype(np.int32)
+    else:
+      out["targets"] = t.astype(np.float32)
+  return out
+
+
+def to_compact(txt: Any, img: Any, txt_mask: Any, img_mask: Any, length: int | None = None
+               ) -> np.ndarray:
+  """Our (B, Lt, ...) text block and (B, Li, ...) region block -> the official compact layout.
+
+  Example i's text goes to positions 0..txt_len_i-1 and its regions right after; the rest is
+  zero. `length` defaults to max(txt_len + num_bb). Use it to compare per-position outputs
+  (sequence_output, embedding_output, all_encoder_layers) with the official code.
+  """
+  txt, img = np.asarray(txt), np.asarray(img)
+  txt_mask, img_mask = np.asarray(txt_mask, bool), np.asarray(img_mask, bool)
+  tl, nb = txt_mask.sum(1), img_mask.sum(1)
+  length = int((tl + nb).max()) if length is None else length
+  out = np.zeros((txt.shape[0], length) + txt.shape[2:], np.result_type(txt, img))
+  for i in range(txt.shape[0]):
+    out[i, :tl[i]] = txt[i, :tl[i]]
+    out[i, tl[i]:tl[i] + nb[i]] = img[i, :nb[i]]
   return out

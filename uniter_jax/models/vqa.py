@@ -1,0 +1,73 @@
+"""UniterForVqa: the backbone plus the official VQA / SNLI-VE answer head (spec 6.1, 6.2)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from uniter_jax.models.config import UniterConfig
+from uniter_jax.models.layers import Dense, LayerNorm, gelu
+from uniter_jax.models.uniter import UniterModel, UniterOutput
+
+# Official answer-vocabulary size (utils/ans2label.json); SNLI-VE uses the same head with 3.
+VQA_NUM_ANSWERS = 3129
+
+
+class VqaHead(nnx.Module):
+  """Official `vqa_output`: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers).
+
+  Submodules `dense`, `LayerNorm`, `classifier` are the official nn.Sequential indices
+  0, 2 and 3 (index 1 is the parameterless GELU).
+  """
+
+  def __init__(self, cfg: UniterConfig, num_answers: int, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+              init_std=cfg.initializer_range, rngs=rngs)
+    h2 = 2 * cfg.hidden_size
+    self.dense = Dense(cfg.hidden_size, h2, names=("embed", "mlp"), **kw)
+    self.LayerNorm = LayerNorm(h2, eps=cfg.layer_norm_eps, name="mlp",
+                               dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    self.classifier = Dense(h2, num_answers, names=("mlp", "labels"), **kw)
+
+  def __call__(self, pooled: jax.Array) -> jax.Array:
+    return self.classifier(self.LayerNorm(gelu(self.dense(pooled)))).astype(jnp.float32)
+
+
+class UniterForVqa(nnx.Module):
+  """Official `UniterForVisualQuestionAnswering` (also SNLI-VE with num_answers=3)."""
+
+  def __init__(self, config: UniterConfig, num_answers: int = VQA_NUM_ANSWERS, *,
+               rngs: nnx.Rngs):
+    self.config = config
+    self.num_answers = num_answers
+    self.uniter = UniterModel(config, rngs=rngs)
+    self.vqa_output = VqaHead(config, num_answers, rngs=rngs)
+
+  def encode(self, batch: Mapping[str, Any], *, deterministic: bool = True,
+             rngs: nnx.Rngs | jax.Array | None = None, **kwargs) -> UniterOutput:
+    """Runs the backbone; returns txt (B,Lt,H), img (B,Li,H), pooled (B,H)."""
+    return self.uniter(batch, deterministic=deterministic, rngs=rngs, **kwargs)
+
+  def answer_logits(self, pooled: jax.Array) -> jax.Array:
+    """(B, H) pooled -> (B, num_answers) float32 answer logits."""
+    return self.vqa_output(pooled)
+
+  def __call__(self, batch: Mapping[str, Any], *, deterministic: bool = True,
+               rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """Batch -> (B, num_answers) answer logits."""
+    return self.answer_logits(self.encode(batch, deterministic=deterministic,
+                                          rngs=rngs).pooled)
+
+
+def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Official VQA / VE loss: elementwise BCE-with-logits, mean over all x num_answers.
+
+  That is the sum over answers averaged over questions (spec 6.1, pitfall 7).
+  """
+  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
+                                           targets.astype(jnp.float32))
+  return jnp.mean(bce) * logits.shape[-1]

@@ -1,0 +1,122 @@
+"""Convert official UNITER checkpoints to Flax msgpack params and back.
+
+  python -m uniter_jax.tools.convert --from-official uniter-base.pt \
+      --model-config config/uniter-base.json --out ckpt/uniter-base.msgpack
+  python -m uniter_jax.tools.convert --to-official ckpt/uniter-base.msgpack \
+      --out uniter-base-roundtrip.pt
+
+The msgpack file holds `flax.serialization.msgpack_serialize` of the pure dict of the
+model's Params; `model_config.json` next to it holds `UniterConfig.to_dict()`. Outputs are
+written through a temp file and a rename, and an existing output is never replaced unless
+`--overwrite` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from typing import Sequence
+
+from flax import nnx, serialization
+
+from uniter_jax import interop
+from uniter_jax.interop import io
+from uniter_jax.models.config import UniterConfig
+
+CONFIG_NAME = "model_config.json"
+
+
+def config_path_for(params_path: io.PathLike) -> pathlib.Path:
+  """The model_config.json that sits next to a params file."""
+  return pathlib.Path(params_path).with_name(CONFIG_NAME)
+
+
+def _task_of(pure: dict) -> tuple[str, dict]:
+  """Which registered task a params tree belongs to, and its builder kwargs."""
+  if "vqa_output" in pure:
+    return "vqa", {"num_answers": int(pure["vqa_output"]["classifier"]["bias"].shape[0])}
+  if "cls" in pure:
+    return "pretrain", {}
+  raise ValueError(f"cannot tell the task of a params tree with top-level keys {sorted(pure)}")
+
+
+def save_msgpack(model: nnx.Module, out: io.PathLike, *, overwrite: bool = False) -> None:
+  """Writes `out` (msgpack params) and model_config.json beside it, each via temp + rename."""
+  out = pathlib.Path(out)
+  cfg_path = config_path_for(out)
+  for p in (out, cfg_path):  # Check both first so a refusal leaves nothing half-written.
+    if p.exists() and not overwrite:
+      raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it")
+  data = serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  io.atomic_write(out, lambda f: f.write(data), overwrite=overwrite)
+  text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
+  io.atomic_write(cfg_path, lambda f: f.write(text.encode()), overwrite=overwrite)
+
+
+def load_msgpack(path: io.PathLike, config: UniterConfig | io.PathLike | None = None
+                 ) -> nnx.Module:
+  """Rebuilds the model (task read off the params tree) from a converted msgpack file."""
+  path = pathlib.Path(path)
+  if not isinstance(config, UniterConfig):
+    cfg_file = pathlib.Path(config) if config is not None else config_path_for(path)
+    config = UniterConfig.from_dict(json.loads(cfg_file.read_text()))
+  pure = serialization.msgpack_restore(path.read_bytes())
+  task, kwargs = _task_of(pure)
+  spec = interop.TASKS[task]
+  model = nnx.eval_shape(lambda: spec.build(config, {}, nnx.Rngs(0), **kwargs))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m uniter_jax.tools.convert",
+                               description=__doc__.split("\n\n")[0])
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--from-official", metavar="CKPT",
+                   help="official checkpoint (.pt needs torch; .npz, .safetensors)")
+  src.add_argument("--to-official", metavar="MSGPACK", help="converted params file")
+  ap.add_argument("--model-config", metavar="JSON",
+                  help="--from-official: the official config JSON (default: sizes from "
+                       "the weights, released sizes only); --to-official: model_config.json "
+                       "(default: next to MSGPACK)")
+  ap.add_argument("--out", required=True,
+                  help="output: params .msgpack, or an official .pt / .npz / .safetensors")
+  ap.add_argument("--task", default="pretrain", choices=sorted(interop.TASKS),
+                  help="model to build from the official checkpoint")
+  ap.add_argument("--num-answers", type=int, help="vqa: answer count when the checkpoint "
+                  "has no vqa_output head")
+  ap.add_argument("--allow-missing", nargs="*", metavar="PREFIX",
+                  help="official-name prefixes that may be absent (kept at fresh init); "
+                       "with no PREFIX, allow any")
+  ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+  try:
+    if args.from_official:
+      kwargs = {"num_answers": args.num_answers} if args.num_answers else {}
+      allow = (False if args.allow_missing is None
+               else (args.allow_missing or True))
+      model, report = interop.load_official_checkpoint(
+          args.from_official, args.model_config, task=args.task, allow_missing=allow,
+          return_report=True, **kwargs)
+      save_msgpack(model, args.out, overwrite=args.overwrite)
+      print(report.table())
+      print(f"wrote {args.out} and {config_path_for(args.out)}")
+    else:
+      model = load_msgpack(args.to_official, args.model_config)
+      interop.save_official_checkpoint(model, args.out, overwrite=args.overwrite)
+      print(f"wrote {args.out}")
+  except (FileExistsError, FileNotFoundError, ValueError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
