@@ -60,8 +60,6 @@ def restore_params_from_orbax(directory: str, abstract_params: Any) -> Any:
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory}: no orbax checkpoint found (expected step folders)")
-  meta = mngr.item_metadata(step)
-  del meta
   target = {"params": abstract_params}
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))

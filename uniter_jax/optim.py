@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 
 def linear_warmup_decay(lr: float, warmup_steps: int, total_steps: int) -> Callable:
@@ -101,7 +100,3 @@ def make_optimizer(params: Any, *, lr: float, warmup_steps: int, total_steps: in
   if lr_mul:
     parts.append(scale_by_tree(lr_multiplier_tree(params, lr_mul)))
   return optax.chain(*parts), schedule
-
-
-def param_state(model: nnx.Module) -> nnx.State:
-  return nnx.state(model, nnx.Param)
