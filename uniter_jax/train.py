@@ -163,7 +163,10 @@ def load_init_from(path: str, state: dict, graphdef) -> dict:
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.msgpack")):
     abstract = checkpointing.abstract_like(state["params"])
     params = checkpointing.restore_params_from_orbax(path, abstract)
-    return dict(state, params=params)
+    # Lay the restored parameters out as this run's state is (another topology may have
+    # written them).
+    shard = jax.tree.map(lambda x: x.sharding, state["params"])
+    return dict(state, params=jax.device_put(params, shard))
   if path.endswith(".msgpack") or os.path.isdir(path):
     f = path if path.endswith(".msgpack") else os.path.join(path, "params.msgpack")
     missing = checkpointing.load_params_into(model, checkpointing.read_msgpack(f),
