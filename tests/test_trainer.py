@@ -117,3 +117,26 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   bad = subprocess.run(cmd + ["--config.total_stepz=3"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "total_steps" in bad.stderr  # locked config: did you mean
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
+  import signal
+  import time
+  workdir = str(tmp_path / "preempted")
+  cmd = [sys.executable, "main.py", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
+         f"--config.data.synthetic={tiny_world}", "--config.total_steps=100000",
+         "--config.log_every_steps=1", "--config.eval_every_steps=0",
+         "--config.checkpoint_every_steps=100000", "--config.tasks={'mlm': 1.0}"]
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(steps) == 1 and 1 <= steps[0] < 100000
