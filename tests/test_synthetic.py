@@ -362,20 +362,24 @@ def test_labels_are_balanced(data):
 # ---- features and detector ----------------------------------------------------------------
 
 
-def _object_regions(data):
-  x, colour, shape, top, right = [], [], [], [], []
+def _iter_object_regions(data):
+  """(image record, region index, scene object) for every region that is an object box."""
   for iid, r in data["images"].items():
     sc = data["scenes"][iid]
     for k, g in enumerate(sc["regions"]):
-      if g["kind"] != "object":
-        continue
-      o = sc["objects"][g["obj"]]
-      x.append(r["features"][k].astype(np.float32))
-      colour.append(scene_lib.COLOUR_NAMES.index(o["colour"]))
-      shape.append(scene_lib.SHAPES.index(o["shape"]))
-      p = r["soft_labels"][k, 1:].astype(np.float32)
-      top.append(p.max() / p.sum())
-      right.append(int(np.argmax(p)) + 1 == scene_lib.class_index(o["shape"], o["colour"]))
+      if g["kind"] == "object":
+        yield r, k, sc["objects"][g["obj"]]
+
+
+def _object_regions(data):
+  x, colour, shape, top, right = [], [], [], [], []
+  for r, k, o in _iter_object_regions(data):
+    x.append(r["features"][k].astype(np.float32))
+    colour.append(scene_lib.COLOUR_NAMES.index(o["colour"]))
+    shape.append(scene_lib.SHAPES.index(o["shape"]))
+    p = r["soft_labels"][k, 1:].astype(np.float32)
+    top.append(p.max() / p.sum())
+    right.append(int(np.argmax(p)) + 1 == scene_lib.class_index(o["shape"], o["colour"]))
   return np.stack(x), np.array(colour), np.array(shape), np.array(top), np.array(right)
 
 
@@ -411,16 +415,11 @@ def test_soft_labels_are_calibrated_and_confuse_similar_classes(data):
   assert 0.4 < right.mean() < 0.95  # confusion exists, but the detector is mostly right
   # Wrong colours are hue neighbours (red~orange~yellow, blue~purple~pink), not random ones.
   near = total = 0
-  for iid, r in data["images"].items():
-    sc = data["scenes"][iid]
-    for k, g in enumerate(sc["regions"]):
-      if g["kind"] != "object":
-        continue
-      o = sc["objects"][g["obj"]]
-      p = r["soft_labels"][k, 1:].astype(np.float32).reshape(6, 7).sum(0)
-      guess = scene_lib.COLOUR_NAMES[int(np.argmax(p))]
-      if guess != o["colour"]:
-        total += 1
-        hue = lambda c: scene_lib.COLOURS[c][1]
-        near += abs((hue(guess) - hue(o["colour"]) + 180) % 360 - 180) < 60
+  for r, k, o in _iter_object_regions(data):
+    p = r["soft_labels"][k, 1:].astype(np.float32).reshape(6, 7).sum(0)
+    guess = scene_lib.COLOUR_NAMES[int(np.argmax(p))]
+    if guess != o["colour"]:
+      total += 1
+      hue = lambda c: scene_lib.COLOURS[c][1]
+      near += abs((hue(guess) - hue(o["colour"]) + 180) % 360 - 180) < 60
   assert total and near / total > 0.8, (near, total)

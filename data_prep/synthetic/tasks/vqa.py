@@ -67,20 +67,21 @@ def annotate(rng: np.random.Generator, qtype: str, answer: str) -> list[str]:
       return votes
 
 
-def _q_colour(rng, pic):
-  cands = [(k, d) for k in range(len(pic.objects)) for d in lx.unique_descs(pic, k) if "colour" not in d]
+def _q_attribute(rng, pic, attr: str):
+  """'what colour / shape is the <unique description without that attribute> ?'"""
+  cands = [(k, d) for k in range(len(pic.objects)) for d in lx.unique_descs(pic, k) if attr not in d]
   if not cands:
     return None
   k, d = lx.choice(rng, cands)
-  return f"what colour is the {lx.desc(**d)} ?", pic.objects[k].colour
+  return f"what {attr} is the {lx.desc(**d)} ?", getattr(pic.objects[k], attr)
+
+
+def _q_colour(rng, pic):
+  return _q_attribute(rng, pic, "colour")
 
 
 def _q_shape(rng, pic):
-  cands = [(k, d) for k in range(len(pic.objects)) for d in lx.unique_descs(pic, k) if "shape" not in d]
-  if not cands:
-    return None
-  k, d = lx.choice(rng, cands)
-  return f"what shape is the {lx.desc(**d)} ?", pic.objects[k].shape
+  return _q_attribute(rng, pic, "shape")
 
 
 def _q_count(rng, pic):
