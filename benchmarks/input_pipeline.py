@@ -3,13 +3,16 @@
     python benchmarks/input_pipeline.py                      # synthetic data in a temp folder
     python benchmarks/input_pipeline.py --text-dir T --image-dir I   # your converted data
     python benchmarks/input_pipeline.py --step-examples-per-s 900    # compare with a measured step
+    python benchmarks/input_pipeline.py --accelerator-tflops 197 --mfu 0.4   # e.g. one TPU v5e chip
 
 Synthetic data: `--images` images with 36 to 100 regions x 2048 float16 features (plus 1601-d soft
 labels with --soft-labels), `--texts-per-image` captions of 8 to 60 tokens. Measures host batches
 (tf.data + join + padding; no device transfer) after `--warmup` batches, and reports MB/s of
-feature bytes delivered. The step's consumption rate (`--step-examples-per-s`) defaults to a
-placeholder to be replaced by benchmarks/train_step.py's measurement (examples/s of one UNITER-base
-pretraining step on the target accelerator); the verdict compares the two.
+feature bytes delivered. What one UNITER-base pretraining step consumes is either measured
+(`--step-examples-per-s`, from benchmarks/train_step.py on the target accelerator) or derived:
+XLA's FLOP count of the base step (uniter_jax.flops, official task mix, per example at the padded
+shapes the pipeline produced) and an accelerator's peak at a given MFU (default: one H100,
+989 dense bf16 TFLOP/s, at 40% MFU). The verdict compares input and step rates.
 """
 
 from __future__ import annotations
@@ -27,9 +30,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from uniter_jax.data import write_dataset  # noqa: E402
 from uniter_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
 
-# Placeholder until benchmarks/train_step.py measures it: UNITER-base pretraining on one H100,
-# token budget 16384 per step, about 0.1 s per step, about 160 examples per step.
-DEFAULT_STEP_EXAMPLES_PER_S = 1600.0
+
+
+def base_step_gflops_per_token() -> float:
+  """XLA's FLOPs per (text + region) token of a UNITER-base pretraining update, official mix.
+
+  Counted at 64 text x 64 regions per example; the cost is close to linear in tokens at these
+  lengths (attention is a small share), so other padded shapes scale by their token count.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from uniter_jax import flops, optim, sharding, train_step  # pylint: disable=import-outside-toplevel
+  from uniter_jax.masking import MaskingConfig  # pylint: disable=import-outside-toplevel
+  from uniter_jax.models import UniterConfig, UniterForPretraining  # pylint: disable=import-outside-toplevel
+
+  cfg = UniterConfig.preset("base", dtype="bfloat16")
+  _, params, _ = nnx.split(nnx.eval_shape(lambda: UniterForPretraining(cfg, rngs=nnx.Rngs(0))),
+                           nnx.Param, ...)
+  tx, _ = optim.make_optimizer(params, lr=5e-5, warmup_steps=1, total_steps=10)
+  mix = {"mlm": 2.0, "mrfr": 1.0, "mrckl": 1.0, "itm": 2.0}  # in-domain base config
+  scfg = train_step.StepConfig(tasks=tuple(mix), ratios=tuple(mix.values()),
+                               masking=MaskingConfig(), rules=sharding.DATA_PARALLEL_RULES)
+  b, lt, li = 8, 64, 64
+  per_task = flops.train_step_flops(cfg, tx, scfg, flops.abstract_batch(cfg, b, lt, li,
+                                                                        jnp.bfloat16))
+  return flops.mean_step_flops(per_task, mix) / (b * (lt + li)) / 1e9
 
 
 def make_synthetic(root: str, images: int, texts_per_image: int, soft: bool, seed: int = 0) -> tuple[str, str]:
@@ -68,8 +94,12 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--window-shards", type=int, default=2)
   ap.add_argument("--batches", type=int, default=40)
   ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--step-examples-per-s", type=float, default=DEFAULT_STEP_EXAMPLES_PER_S,
-                  help="examples/s one UNITER-base train step consumes (from benchmarks/train_step.py)")
+  ap.add_argument("--step-examples-per-s", type=float, default=0.0,
+                  help="examples/s one UNITER-base train step consumes, measured by "
+                       "benchmarks/train_step.py; 0 = derive it from FLOPs (below)")
+  ap.add_argument("--accelerator-tflops", type=float, default=989.0,
+                  help="peak dense bf16 TFLOP/s of the accelerator to feed (H100: 989)")
+  ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
   args = ap.parse_args(argv)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -88,20 +118,28 @@ def main(argv: list[str] | None = None) -> None:
     it = pipe.host_batches()
     for _ in range(args.warmup):
       next(it)
-    n_ex = n_bytes = 0
+    n_ex = n_bytes = n_tok = 0
     t0 = time.perf_counter()
     for _ in range(args.batches):
       b = next(it)
       n_ex += b["input_ids"].shape[0]
+      n_tok += b["input_ids"].size + b["img_mask"].size
       n_bytes += sum(v.nbytes for v in b.values())
     dt = time.perf_counter() - t0
   rate = n_ex / dt
   print(f"\ninput pipeline: {rate:.0f} examples/s, {n_bytes / dt / 2**20:.0f} MB/s of batch arrays "
         f"({args.batches} batches, {os.cpu_count()} CPU cores, feat_dtype {args.feat_dtype})")
-  print(f"train step (UNITER-base) consumes: {args.step_examples_per_s:.0f} examples/s "
-        f"({'measured' if args.step_examples_per_s != DEFAULT_STEP_EXAMPLES_PER_S else 'placeholder'})")
-  print("verdict: " + ("input keeps up" if rate >= args.step_examples_per_s else
-                       f"input is {args.step_examples_per_s / rate:.1f}x too slow on this host"))
+  if args.step_examples_per_s > 0:
+    step_rate, how = args.step_examples_per_s, "measured"
+  else:
+    gflops = base_step_gflops_per_token() * n_tok / n_ex
+    step_rate = args.accelerator_tflops * 1e3 * args.mfu / gflops
+    how = (f"derived: {gflops:.1f} GFLOP per example at these padded shapes, "
+           f"{args.accelerator_tflops:.0f} TFLOP/s x {args.mfu:.0%} MFU per accelerator")
+  print(f"train step (UNITER-base) consumes: {step_rate:.0f} examples/s per accelerator ({how})")
+  print("verdict: " + (f"input keeps up ({rate / step_rate:.2f} accelerators fed per host)"
+                       if rate >= step_rate else
+                       f"input is {step_rate / rate:.1f}x too slow for one accelerator on this host"))
 
 
 if __name__ == "__main__":
