@@ -1,6 +1,6 @@
-"""Golden parity with the official PyTorch UNITER (tests/fixtures/official_tiny).
+"""Golden parity with the official PyTorch UNITER (every tests/fixtures/official_* folder).
 
-The fixture holds a checkpoint, batches in the official collate layout and the official
+Each fixture folder (official_tiny, official_small, ...) holds a checkpoint, batches in the official collate layout and the official
 outputs, losses and per-parameter gradient norms. Loading the checkpoint and converting the
 batches with uniter_jax.interop must reproduce all of them: every per-position output,
 every head, every training-loop loss (OT with the "ipot" solver) to 1e-5 relative in
@@ -23,10 +23,13 @@ from uniter_jax import interop
 from uniter_jax.losses import pretrain_loss
 from uniter_jax.models.vqa import vqa_loss
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "official_tiny"
+FIXTURES = sorted(p for p in (pathlib.Path(__file__).parent / "fixtures").glob("official_*")
+                  if (p / "outputs.npz").exists())
 RTOL = 1e-5
 TASK_BATCH = {"mlm": "mlm", "mrfr": "mrfr", "mrc": "mrc", "mrckl": "mrc", "itm": "itm",
-              "vqa": "vqa"}
+              "vqa": "vqa", "ve": "ve"}
+# VQA-style heads: `{task}_head.npz` on top of state_dict.npz (VE is the VQA head, 3 answers).
+ANSWER_TASKS = ("vqa", "ve")
 
 
 def assert_close(ours, ref, what: str, rtol: float = RTOL) -> None:
@@ -44,40 +47,52 @@ def assert_close(ours, ref, what: str, rtol: float = RTOL) -> None:
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+@pytest.fixture(scope="module", params=FIXTURES, ids=lambda p: p.name.removeprefix("official_"))
+def fixture(request) -> pathlib.Path:
+  """One official fixture folder; every test below runs once per folder."""
+  return request.param
+
+
 @pytest.fixture(scope="module")
-def official():
-  return dict(np.load(FIXTURE / "outputs.npz"))
+def official(fixture):
+  return dict(np.load(fixture / "outputs.npz"))
+
+
+def _need(fixture: pathlib.Path, task: str) -> None:
+  """Skip tasks a fixture folder does not hold (e.g. VE exists only in newer folders)."""
+  if not (fixture / f"batch_{TASK_BATCH[task]}.npz").exists():
+    pytest.skip(f"{fixture.name} has no {task} batch")
 
 
 @functools.cache
-def _model(task: str) -> nnx.Module:
-  if task == "vqa":
-    tensors = {**np.load(FIXTURE / "state_dict.npz"), **np.load(FIXTURE / "vqa_head.npz")}
-    return interop.load_official_checkpoint(tensors, FIXTURE / "config.json", task="vqa")
-  return interop.load_official_checkpoint(FIXTURE / "state_dict.npz", FIXTURE / "config.json")
+def _model(fixture: pathlib.Path, task: str) -> nnx.Module:
+  if task in ANSWER_TASKS:
+    tensors = {**np.load(fixture / "state_dict.npz"), **np.load(fixture / f"{task}_head.npz")}
+    return interop.load_official_checkpoint(tensors, fixture / "config.json", task="vqa")
+  return interop.load_official_checkpoint(fixture / "state_dict.npz", fixture / "config.json")
 
 
-def _batch(name: str) -> tuple[dict, dict]:
-  raw = dict(np.load(FIXTURE / f"batch_{name}.npz"))
+def _batch(fixture: pathlib.Path, name: str) -> tuple[dict, dict]:
+  raw = dict(np.load(fixture / f"batch_{name}.npz"))
   return interop.from_official_batch(raw), raw
 
 
 @functools.cache
-def _run(task: str) -> dict:
+def _run(fixture: pathlib.Path, task: str) -> dict:
   """One compiled forward + backward per task: outputs, heads, losses and gradients.
 
   The loss is the training-loop scalar (pretrain_loss with the "ipot" OT solver, or the
   VQA BCE); gradients are taken w.r.t. every Param and the region features.
   """
-  model = _model(task)
-  batch = jax.tree.map(jnp.asarray, _batch(TASK_BATCH[task])[0])
+  model = _model(fixture, task)
+  batch = jax.tree.map(jnp.asarray, _batch(fixture, TASK_BATCH[task])[0])
   graphdef, state = nnx.split(model)
 
   def f(state, img_feat):
     m = nnx.merge(graphdef, state)
     b = {**batch, "img_feat": img_feat}
     out = m.encode(b, return_all_layers=True, return_embeddings=True)
-    if task == "vqa":
+    if task in ANSWER_TASKS:
       heads = {"answer_scores": m.answer_logits(out.pooled)}
       res = {"loss": vqa_loss(m(b), b["targets"])}
     else:
@@ -99,18 +114,20 @@ def _compact(out_txt, out_img, batch, length):
   return interop.to_compact(out_txt, out_img, batch["txt_mask"], batch["img_mask"], length)
 
 
-@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "itm", "vqa"])
-def test_batch_layout_matches_aux(name):
-  batch, raw = _batch(name)
+@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "itm", "vqa", "ve"])
+def test_batch_layout_matches_aux(fixture, name):
+  _need(fixture, name)
+  batch, raw = _batch(fixture, name)
   np.testing.assert_array_equal(batch["txt_mask"].sum(1), raw["aux.txt_lens"])
   np.testing.assert_array_equal(batch["img_mask"].sum(1), raw["aux.num_bbs"])
 
 
-@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "itm", "vqa"])
-def test_sequence_and_pooled_outputs(name, official):
-  r = _run(name)
+@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "itm", "vqa", "ve"])
+def test_sequence_and_pooled_outputs(fixture, name, official):
+  _need(fixture, name)
+  r = _run(fixture, name)
   batch, out = r["batch"], r["out"]
-  valid = _batch(name)[1]["attn_masks"].astype(bool)
+  valid = _batch(fixture, name)[1]["attn_masks"].astype(bool)
   length = valid.shape[1]
   seq = _compact(out.txt, out.img, batch, length)
   assert_close(seq[valid], official[f"{name}.sequence_output"][valid], f"{name}.sequence_output")
@@ -136,8 +153,8 @@ def _log_softmax(x):
   return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def test_mlm_head_and_loss(official):
-  r = _run("mlm")
+def test_mlm_head_and_loss(fixture, official):
+  r = _run(fixture, "mlm")
   labels = r["batch"]["txt_labels"]
   sel = labels != -1
   scores = r["heads"]["mlm"][sel]
@@ -147,8 +164,8 @@ def test_mlm_head_and_loss(official):
   assert_close(r["res"]["loss"], official["mlm.loss_mean"], "mlm.loss_mean")
 
 
-def test_mrfr_head_and_loss(official):
-  r = _run("mrfr")
+def test_mrfr_head_and_loss(fixture, official):
+  r = _run(fixture, "mrfr")
   sel = r["batch"]["img_masked"]
   pred = r["heads"]["mrfr"][sel]
   assert_close(pred, official["mrfr.prediction_feat"], "mrfr.prediction_feat")
@@ -158,8 +175,8 @@ def test_mrfr_head_and_loss(official):
 
 
 @pytest.mark.parametrize("task", ["mrc", "mrckl"])
-def test_mrc_heads_and_losses(task, official):
-  r = _run(task)
+def test_mrc_heads_and_losses(fixture, task, official):
+  r = _run(fixture, task)
   sel = r["batch"]["img_masked"]
   logits = r["heads"]["mrc"][sel]
   assert_close(logits, official["mrc.prediction_soft_label"], "mrc.prediction_soft_label")
@@ -174,8 +191,8 @@ def test_mrc_heads_and_losses(task, official):
   assert_close(r["res"]["loss"], official[f"{task}.loss_mean"], f"{task}.loss_mean")
 
 
-def test_itm_head_and_losses(official):
-  r = _run("itm")
+def test_itm_head_and_losses(fixture, official):
+  r = _run(fixture, "itm")
   res = r["res"]
   scores = r["heads"]["itm"]
   assert_close(scores, official["itm.itm_scores"], "itm.itm_scores")
@@ -189,30 +206,33 @@ def test_itm_head_and_losses(official):
   assert_close(res["loss"], official["itm.total_loss"], "itm.total_loss")
 
 
-def test_vqa_head_and_loss(official):
-  r = _run("vqa")
+@pytest.mark.parametrize("task", ANSWER_TASKS)
+def test_vqa_head_and_loss(fixture, task, official):
+  _need(fixture, task)
+  r = _run(fixture, task)
   logits = r["heads"]["answer_scores"]
-  assert_close(logits, official["vqa.answer_scores"], "vqa.answer_scores")
+  assert_close(logits, official[f"{task}.answer_scores"], f"{task}.answer_scores")
   t = r["batch"]["targets"].astype(np.float64)
   x = logits.astype(np.float64)
   bce = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
-  assert_close(bce, official["vqa.loss"], "vqa.loss")
-  assert_close(r["res"]["loss"], official["vqa.loss_train"], "vqa.loss_train")
+  assert_close(bce, official[f"{task}.loss"], f"{task}.loss")
+  assert_close(r["res"]["loss"], official[f"{task}.loss_train"], f"{task}.loss_train")
   # The public loss helper on the same logits.
   assert_close(vqa_loss(jnp.asarray(logits), jnp.asarray(t, jnp.float32)),
-               official["vqa.loss_train"], "vqa_loss()")
+               official[f"{task}.loss_train"], "vqa_loss()")
 
 
-@pytest.mark.parametrize("task", ["mlm", "mrfr", "mrc", "mrckl", "itm", "vqa"])
-def test_gradient_norms(task):
+@pytest.mark.parametrize("task", ["mlm", "mrfr", "mrc", "mrckl", "itm", "vqa", "ve"])
+def test_gradient_norms(fixture, task):
   """Per-parameter gradient norms of each task's training-loop loss equal the official ones.
 
   Official `mask_embedding` differs in form only: it adds row 0 to every unmasked region's
   feature (row 0 is zero), so row 0 collects the feature gradient of those regions, which
   our `where` form leaves on the feature input. We add that term back before comparing.
   """
-  ref = json.loads((FIXTURE / "grad_norms.json").read_text())[task]
-  r = _run(task)
+  _need(fixture, task)
+  ref = json.loads((fixture / "grad_norms.json").read_text())[task]
+  r = _run(fixture, task)
   assert_close(r["res"]["loss"], ref["loss"], f"{task} loss")
   grads = interop.official_state_dict(r["model"], r["g_state"], tied={})
   me = "uniter.img_embeddings.mask_embedding.weight"
