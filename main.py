@@ -1,4 +1,7 @@
-"""Entry point: `python main.py --config=configs/pretrain.py --workdir=DIR [--mode=train]`."""
+"""Entry point: `python main.py --config=configs/pretrain.py --workdir=DIR [--mode=train]`.
+
+The config's `task` (pretrain, vqa, ...) picks what runs; see configs/*.py for commands.
+"""
 
 import os
 
@@ -11,7 +14,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file (get_config(arg)).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics and exports go here.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+                  "train; eval (held-out metrics of the latest checkpoint); predict (the task's "
+                  "result file, e.g. VQA results.json); export (params.msgpack).")
 
 
 def main(argv):

@@ -11,10 +11,9 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,50 +21,29 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uniter_jax import checkpointing, metrics as metrics_lib, optim, sharding
+from uniter_jax import checkpointing, metrics as metrics_lib, optim, sharding, tasks
 from uniter_jax import train_step as step_lib
-from uniter_jax.masking import MaskingConfig
-from uniter_jax.models import UniterConfig, UniterForPretraining
+from uniter_jax.models import UniterConfig, UniterForPretraining  # noqa: F401 (re-exported)
+from uniter_jax.tasks import pretrain as pretrain_task
+from uniter_jax.tasks.base import DataSpec, RunContext
 
 
 # ----------------------------------------------------------------------------------------
 # Config -> objects
 
 
-def _csv(value: str) -> list[str]:
-  return [v for v in (value or "").split(",") if v]
-
-
-@dataclasses.dataclass
-class DataSpec:
-  text_dirs: list[str]
-  image_dirs: list[str]
-  val_text_dirs: list[str]
-  val_image_dirs: list[str]
-  vocab: str
+def ensure_world(root: str) -> str:
+  """The synthetic world at `root`, generated on first use (any complete world is reused)."""
+  from data_prep import synthetic  # pylint: disable=import-outside-toplevel
+  if synthetic.read_world_manifest(root) is None:
+    say("generating the synthetic world in %s (first run only) ...", root)
+    root = synthetic.ensure_dataset(root, log=logging.info)
+  return root
 
 
 def resolve_data(config) -> DataSpec:
-  """Data folders from the config; generates the synthetic world on first use."""
-  d = config.data
-  text, image = _csv(d.text_dirs), _csv(d.image_dirs)
-  val_text, val_image = _csv(d.val_text_dirs), _csv(d.val_image_dirs)
-  vocab = d.vocab
-  if d.synthetic:
-    from data_prep import synthetic  # pylint: disable=import-outside-toplevel
-    root = os.path.abspath(d.synthetic)
-    if synthetic.read_world_manifest(root) is None:  # any complete world is used as it is
-      say("generating the synthetic world in %s (first run only) ...", root)
-      root = synthetic.ensure_dataset(root, log=logging.info)
-    text = text or [os.path.join(root, "txt", "pretrain_train")]
-    image = image or [os.path.join(root, "img_db")]
-    val_text = val_text or [os.path.join(root, "txt", "pretrain_val")]
-    vocab = vocab or os.path.join(root, "vocab.txt")
-  if not text or not image:
-    raise ValueError("no training data: set --config.data.text_dirs and "
-                     "--config.data.image_dirs (folders made by data_prep), or "
-                     "--config.data.synthetic=DIR")
-  return DataSpec(text, image, val_text, val_image or image, vocab)
+  """Data folders of config.task from the config; generates the synthetic world on first use."""
+  return tasks.get(config.get("task", "pretrain")).data(config, ensure_world=ensure_world)
 
 
 def model_config_from(config, data_manifest: dict | None = None) -> UniterConfig:
@@ -86,20 +64,10 @@ def model_config_from(config, data_manifest: dict | None = None) -> UniterConfig
   return dataclasses.replace(base, **fields)
 
 
-def masking_config(config, vocab_path: str) -> MaskingConfig:
-  """Special ids read from the vocab by name; random MLM ids start after the last [..] token."""
-  from uniter_jax.data.tokenizer import WordPieceTokenizer  # pylint: disable=import-outside-toplevel
-  tok = WordPieceTokenizer(vocab_path)
-  bracketed = [i for t, i in tok.vocab.items() if re.fullmatch(r"\[.*\]", t)]
-  start = max(bracketed) + 1 if bracketed else 0
-  specials = sorted({tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})
-  return MaskingConfig(mask_id=tok.mask_id, special_ids=tuple(specials),
-                       random_range=(start, len(tok.vocab)), mlm_prob=config.mlm_prob,
-                       mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob)
-
-
 def make_pipeline(config, text_dirs, image_dirs, mesh, *, model_cfg: UniterConfig, seed: int,
-                  train: bool, state: dict | None = None, soft_labels: bool | None = None):
+                  train: bool, state: dict | None = None, soft_labels: bool | None = None,
+                  **overrides):
+  """The input pipeline of a run; `overrides` are PipelineConfig fields (eval: drop_remainder)."""
   from uniter_jax.data.pipeline import InputPipeline, PipelineConfig  # pylint: disable=import-outside-toplevel
   d = config.data
   pc = PipelineConfig(
@@ -108,7 +76,7 @@ def make_pipeline(config, text_dirs, image_dirs, mesh, *, model_cfg: UniterConfi
       max_txt_len=d.max_txt_len, seed=seed, shuffle=train, drop_remainder=True,
       feat_dtype=d.feat_dtype, img_dim=model_cfg.img_dim, vocab_size=model_cfg.vocab_size,
       soft_labels=soft_labels, batch_axes=tuple(a for a in mesh.axis_names))
-  return InputPipeline(text_dirs, image_dirs, mesh=mesh, config=pc, state=state)
+  return InputPipeline(text_dirs, image_dirs, mesh=mesh, config=pc, state=state, **overrides)
 
 
 def data_sizes(spec: DataSpec) -> dict:
@@ -126,8 +94,7 @@ def data_sizes(spec: DataSpec) -> dict:
 # State
 
 
-def make_model_fn(model_cfg: UniterConfig, seed: int) -> Callable[[], nnx.Module]:
-  return lambda: UniterForPretraining(model_cfg, rngs=nnx.Rngs(params=seed))
+make_model_fn = pretrain_task.build_model_fn  # the pretraining model (tests, benchmarks)
 
 
 def make_optimizer(config, abstract_params):
@@ -157,16 +124,40 @@ def create_state(init_fn, shardings, mesh, rules):
     return jax.jit(init_fn, out_shardings=shardings)()
 
 
+def _orbax_top_keys(directory: str) -> set[str]:
+  """Top-level parameter groups (e.g. uniter, cls, vqa_output) of an orbax checkpoint."""
+  mngr = checkpointing.make_manager(directory, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no orbax checkpoint found (expected step folders)")
+  mngr.close()
+  state_dir = os.path.join(os.path.abspath(directory), str(step), "state")
+  meta = checkpointing.ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+  return set(getattr(meta, "tree", meta)["params"].keys())
+
+
 def load_init_from(path: str, state: dict, graphdef) -> dict:
-  """Replaces the parameters by those of a msgpack export, an orbax checkpoint or .pt/.npz."""
-  model = nnx.merge(graphdef, state["params"], state["rest"])
+  """Replaces the parameters by those of a msgpack export, an orbax checkpoint or .pt/.npz.
+
+  Parameters the source has and the model lacks (pretraining heads when fine-tuning) are
+  dropped; parameters the model has and the source lacks (a new task head) keep their init.
+  """
+  shard = jax.tree.map(lambda x: x.sharding, state["params"])
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.msgpack")):
-    abstract = checkpointing.abstract_like(state["params"])
-    params = checkpointing.restore_params_from_orbax(path, abstract)
-    # Lay the restored parameters out as this run's state is (another topology may have
-    # written them).
-    shard = jax.tree.map(lambda x: x.sharding, state["params"])
+    sub = os.path.join(path, "checkpoints")  # a workdir, or its checkpoints folder
+    ckpt_dir = sub if os.path.isdir(sub) else path
+    have = _orbax_top_keys(ckpt_dir)
+    params = state["params"]
+    wanted = nnx.State({k: v for k, v in params.items() if k in have})
+    restored = checkpointing.restore_params_from_orbax(
+        ckpt_dir, checkpointing.abstract_like(wanted))
+    kept = sorted(str(k) for k in params.keys() if k not in have)
+    if kept:
+      logging.info("init_from %s: %s keep their init", path, kept)
+    merged = {**nnx.to_pure_dict(params), **nnx.to_pure_dict(restored)}
+    nnx.replace_by_pure_dict(params, merged)
     return dict(state, params=jax.device_put(params, shard))
+  model = nnx.merge(graphdef, state["params"], state["rest"])
   if path.endswith(".msgpack") or os.path.isdir(path):
     f = path if path.endswith(".msgpack") else os.path.join(path, "params.msgpack")
     missing = checkpointing.load_params_into(model, checkpointing.read_msgpack(f),
@@ -178,7 +169,6 @@ def load_init_from(path: str, state: dict, graphdef) -> dict:
     logging.info("init_from %s: %d parameters keep their init: %s", path, len(missing),
                  missing[:8])
   _, params, _ = nnx.split(model, nnx.Param, ...)
-  shard = jax.tree.map(lambda x: x.sharding, state["params"])
   return dict(state, params=jax.device_put(params, shard))
 
 
@@ -256,31 +246,31 @@ def say(msg: str, *args) -> None:
 
 
 def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
-  """Runs `mode` ("train", "eval" or "export") with `config` in `workdir`; returns summary."""
+  """Runs `mode` ("train", "eval", "predict" or "export") of config.task in `workdir`.
+
+  Returns a summary dict (train: step, last eval, preempted; eval: metrics; predict: the
+  result file and its metrics; export: the msgpack path).
+  """
   os.makedirs(workdir, exist_ok=True)
-  rules = [tuple(r) if not isinstance(r[1], list) else (r[0], tuple(r[1]))
-           for r in config.sharding_rules]
-  rules = [(k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules]
+  task = tasks.get(config.get("task", "pretrain"))
+  rules = list(tasks.base.config_rules(config))
   mesh = sharding.make_mesh(dict(config.mesh))
   logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind)
 
   # -- Data ------------------------------------------------------------------------------
   spec = resolve_data(config)
+  task.check_data(config, spec)
   model_cfg = model_config_from(config, data_sizes(spec))
-  mask_cfg = masking_config(config, spec.vocab)
-  tasks = tuple(config.tasks.keys())
-  ratios = tuple(float(config.tasks[t]) for t in tasks)
-  needs_soft = any(t in ("mrc", "mrckl") for t in tasks)
+  needs_soft = task.needs_soft_labels(config)
   dp = 1
   for a in sharding.logical_to_spec(("batch",), rules)[0] or ():
     dp *= mesh.shape[a] if isinstance(a, str) else 1
   with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    json.dump({"model_class": "UniterForPretraining", "config": model_cfg.to_dict()}, f,
-              indent=2)
+    json.dump({"model_class": task.model_class, "config": model_cfg.to_dict()}, f, indent=2)
 
   # -- Model and sharded state -------------------------------------------------------------
-  model_fn = make_model_fn(model_cfg, config.seed)
+  model_fn = task.model_fn(model_cfg, config, spec)
   abstract_model = nnx.eval_shape(model_fn)
   graphdef, abs_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   tx, schedule = make_optimizer(config, abs_params)
@@ -302,7 +292,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
     state = create_state(init_fn, shardings, mesh, rules)
     if config.init_from:
       state = load_init_from(config.init_from, state, graphdef)
-      logging.info("initialised parameters from %s", config.init_from)
+      say("initialised parameters from %s", config.init_from)
 
   if mode == "export":
     model = nnx.merge(graphdef, state["params"], state["rest"])
@@ -312,44 +302,32 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
     ckpt.close()
     return {"export": path}
 
-  step_cfg = step_lib.StepConfig(
-      tasks=tasks, ratios=ratios,
-      masking=dataclasses.replace(mask_cfg, itm_group_size=None), ot_lambda=config.ot_lambda,
-      ot_options=(("solver", config.ot_solver),), rules=tuple(rules))
-  eval_fn = jax.jit(step_lib.make_eval_step(graphdef, step_cfg))
+  ctx = RunContext(
+      config=config, workdir=workdir, mesh=mesh, rules=tuple(rules), data=spec,
+      model_cfg=model_cfg, graphdef=graphdef, say=say,
+      pipeline=functools.partial(make_pipeline, config, mesh=mesh, model_cfg=model_cfg,
+                                 seed=0))
+  evaluate = task.evaluator(ctx)
 
-  def evaluate(state) -> dict:
-    if not spec.val_text_dirs:
-      return {}
-    pipe = make_pipeline(config, spec.val_text_dirs, spec.val_image_dirs, mesh,
-                         model_cfg=model_cfg, seed=0, train=False,
-                         soft_labels=True if needs_soft else None)
-    sums: dict[str, float] = {}
-    n = 0
-    with jax.set_mesh(mesh):
-      for i, batch in zip(range(config.eval_batches), pipe):
-        out = eval_fn(state["params"], state["rest"], step_lib.model_fields(batch),
-                      jax.random.PRNGKey(1000 + i))
-        for k, v in out.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
-
-  if mode == "eval":
-    result = evaluate(state)
-    metrics_lib.Writer(workdir, subdir="eval").write(int(state["step"]), result)
+  if mode in ("eval", "predict"):
+    result = evaluate(state) if mode == "eval" else task.predictor(ctx)(state)
+    metrics_lib.Writer(workdir, subdir=mode).write(
+        int(state["step"]), {k: v for k, v in result.items() if isinstance(v, (int, float))})
+    say("%s at step %d: %s", mode, int(state["step"]), _rounded(result))
     ckpt.close()
     return result
 
   # -- Train step ----------------------------------------------------------------------------
   # ITM negatives are drawn within each device's slice of the batch (no cross-device swap).
   group = (config.data.batch_size // dp) if config.data.batch_size else None
-  step_cfg = dataclasses.replace(
-      step_cfg, masking=dataclasses.replace(mask_cfg, itm_group_size=group))
-  step_fn = step_lib.make_train_step(graphdef, tx, step_cfg, schedule)
+  objective = task.objective(config, spec, group_size=group)
+  branch_names = tuple(getattr(objective, "names", None) or objective.tasks)
+  log_aux = task.log_aux()
+  step_fn = step_lib.make_train_step(graphdef, tx, objective, schedule)
   pipe = make_pipeline(config, spec.text_dirs, spec.image_dirs, mesh, model_cfg=model_cfg,
                        seed=config.seed, train=True, state=data_state or None,
                        soft_labels=True if needs_soft else None)
+  task.check_pipeline(config, spec, pipe, "train")
   say("%s", pipe.report())
   micro = config.grad_accum_steps > 1
   jitted: dict = {}
@@ -383,21 +361,19 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
     for s, m in host:
       if not np.isfinite(m["loss"]):
         raise NonFiniteLoss(
-            f"non-finite loss {m['loss']} at step {s} (task {tasks[int(m['task'])]}); the "
-            f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            f"non-finite loss {m['loss']} at step {s} (task {branch_names[int(m['task'])]}); "
+            f"the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
     dt = max(time.time() - t_log, 1e-9)
     out = {"loss": np.mean([m["loss"] for _, m in host]),
            "lr": float(host[-1][1]["lr"]), "grad_norm": np.mean([m["grad_norm"] for _, m in host]),
            "examples_per_sec": n_ex / dt, "tokens_per_sec": n_tok / dt,
            "steps_per_sec": len(host) / dt}
-    for i, t in enumerate(tasks):
+    for i, t in enumerate(branch_names):
       chosen = [m for _, m in host if int(m["task"]) == i]
       if chosen:
         out[f"loss_{t}"] = np.mean([m["loss"] for m in chosen])
-        if t == "itm":
-          out["ot_pos"] = np.mean([m["ot_pos"] for m in chosen])
-          out["ot_neg"] = np.mean([m["ot_neg"] for m in chosen])
-          out["itm_accuracy"] = np.mean([m["accuracy"] for m in chosen])
+        for name, aux in log_aux.get(t, ()):
+          out[name] = np.mean([m[aux] for m in chosen])
     if flops_per_step and peak:
       out["mfu"] = flops_per_step * len(host) / dt / (peak * jax.device_count())
     writer.write(step, out)
@@ -407,7 +383,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
   with _Preemption() as preempt, jax.set_mesh(mesh):
     try:
       while step < config.total_steps:
-        group_batches = [step_lib.model_fields(next(batches))
+        group_batches = [task.step_fields(next(batches))
                          for _ in range(config.grad_accum_steps)]
         batch = stack_microbatches(group_batches)
         fn = get_step(batch)
@@ -416,7 +392,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
           compiled = fn.lower(state, batch).compile()
           flops_per_step = metrics_lib.compiled_flops(compiled) or 0.0
           say("compiled the train step in %.1fs (%.3g FLOPs/step)", time.time() - t0,
-                       flops_per_step)
+              flops_per_step)
         state, m = fn(state, batch)
         step += 1
         n_ex += sum(int(b["input_ids"].shape[0]) for b in group_batches)
@@ -428,8 +404,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
                                         or step == config.total_steps):
           last_eval = evaluate(state)
           eval_writer.write(step, last_eval)
-          say("eval at step %d: %s", step,
-                       {k: round(v, 4) for k, v in last_eval.items()})
+          say("eval at step %d: %s", step, _rounded(last_eval))
         stop = (preempt.requested or ckpt.reached_preemption(step)
                 or step == config.get("stop_at_step", 0))
         if step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop:
@@ -444,3 +419,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
       eval_writer.close()
   ckpt.close()
   return {"step": step, "eval": last_eval, "preempted": preempt.requested}
+
+
+def _rounded(result: dict) -> dict:
+  return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}

@@ -1,15 +1,20 @@
-"""The pretraining step: one jitted program for every task, micro-batch accumulation.
+"""The train step shared by pretraining and fine-tuning: one jitted program per shape.
 
-Per update (uniter_spec.md 3.9): draw the task from the mix ratios (one task for all
-micro-batches, like the official MetaLoader), apply that task's masking / negatives from a
-key folded with the step, forward + loss, sum the micro-batch gradients (the official loop
-does not divide by the number of micro-batches), clip the sum, AdamW. `lax.switch` keeps
-all tasks in one compiled program.
+An `Objective` lists loss branches and their mix ratios. Per update (uniter_spec.md 3.9):
+draw the branch from the ratios (one branch for all micro-batches, like the official
+MetaLoader; a single-branch objective such as VQA skips the draw), run it on each
+micro-batch with a key folded with the step, sum the micro-batch gradients (the official
+loop does not divide by their number), clip the sum, AdamW. `lax.switch` keeps all
+branches in one compiled program.
+
+Pretraining builds its objective from a `StepConfig` (tasks, masking, OT options); a
+fine-tuning task (uniter_jax.tasks) passes its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -22,9 +27,26 @@ from uniter_jax import sharding
 from uniter_jax.losses import pretrain_loss
 from uniter_jax.masking import MaskingConfig, apply_task
 
-# Per-task scalars every branch reports (zeros where a task does not define one), so that
-# all lax.switch branches return the same structure.
+# Per-task scalars every pretraining branch reports (zeros where a task does not define
+# one), so that all lax.switch branches return the same structure.
 _AUX = ("accuracy", "ot_pos", "ot_neg", "ot_loss", "itm_loss")
+
+# (model, batch, key, deterministic) -> (scalar loss, {name: scalar}).
+BranchLoss = Callable[[nnx.Module, dict, jax.Array, bool], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What one update optimises: named loss branches, mix ratios and the scalars they report.
+
+  Every branch must return the same `aux` names (the step fills absent ones with 0).
+  """
+
+  names: tuple[str, ...]
+  losses: tuple[BranchLoss, ...]
+  ratios: tuple[float, ...]
+  aux_names: tuple[str, ...] = ()
+  rules: sharding.Rules = sharding.FSDP_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +73,37 @@ def _task_loss(model, batch, task: str, key, cfg: StepConfig, deterministic: boo
   return res["loss"], aux
 
 
-def make_loss_fn(graphdef, cfg: StepConfig, deterministic: bool = False) -> Callable:
-  """(params, rest, batch, task_index, key) -> (loss, aux) via lax.switch over tasks."""
+def pretrain_objective(cfg: StepConfig) -> Objective:
+  """The pretraining mix as an Objective: one branch per task, masking inside the branch."""
+  losses = tuple(functools.partial(_pretrain_branch, task=t, cfg=cfg) for t in cfg.tasks)
+  return Objective(names=tuple(cfg.tasks), losses=losses, ratios=tuple(cfg.ratios),
+                   aux_names=_AUX, rules=cfg.rules)
 
-  def loss_fn(params, rest, batch, task_index, key):
-    def branch(task):
-      def run(params, rest, batch, key):
-        model = nnx.merge(graphdef, params, rest)
-        return _task_loss(model, batch, task, key, cfg, deterministic)
-      return run
 
-    return jax.lax.switch(task_index, [branch(t) for t in cfg.tasks], params, rest, batch, key)
+def _pretrain_branch(model, batch, key, deterministic, *, task, cfg):
+  return _task_loss(model, batch, task, key, cfg, deterministic)
+
+
+def _as_objective(obj: Objective | StepConfig) -> Objective:
+  return obj if isinstance(obj, Objective) else pretrain_objective(obj)
+
+
+def make_loss_fn(graphdef, cfg: Objective | StepConfig, deterministic: bool = False
+                 ) -> Callable:
+  """(params, rest, batch, branch_index, key) -> (loss, aux) via lax.switch over branches."""
+  obj = _as_objective(cfg)
+
+  def branch(fn):
+    def run(params, rest, batch, key):
+      model = nnx.merge(graphdef, params, rest)
+      loss, aux = fn(model, batch, key, deterministic)
+      return loss, {n: jnp.asarray(aux.get(n, 0.0), jnp.float32) for n in obj.aux_names}
+    return run
+
+  def loss_fn(params, rest, batch, index, key):
+    if len(obj.losses) == 1:  # no switch: nothing to choose
+      return branch(obj.losses[0])(params, rest, batch, key)
+    return jax.lax.switch(index, [branch(f) for f in obj.losses], params, rest, batch, key)
 
   return loss_fn
 
@@ -71,22 +113,26 @@ def draw_task(key: jax.Array, ratios: Sequence[float]) -> jax.Array:
   return jax.random.choice(key, len(ratios), p=p / p.sum())
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: Objective | StepConfig,
                     schedule: Callable | None = None) -> Callable:
   """state, batch -> state, metrics. The batch may carry a leading micro-batch axis.
+
+  `cfg` is a fine-tuning Objective or the pretraining StepConfig. metrics["task"] is the
+  index of the drawn branch.
 
   state = {"params": nnx.State, "rest": nnx.State (non-Param variables), "opt_state",
   "step": int32 scalar, "rng": PRNG key}. With micro-batches (`batch` arrays of shape
   (k, B, ...)) the k gradients are summed, as the official loop sums them.
   """
-  loss_fn = make_loss_fn(graphdef, cfg, deterministic=False)
+  obj = _as_objective(cfg)
+  loss_fn = make_loss_fn(graphdef, obj, deterministic=False)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, batch):
-    with sharding.use_rules(cfg.rules):
+    with sharding.use_rules(obj.rules):
       key = jax.random.fold_in(state["rng"], state["step"])
       k_task, k_micro = jax.random.split(key)
-      task = draw_task(k_task, cfg.ratios)
+      task = draw_task(k_task, obj.ratios)
       micro = batch["input_ids"].ndim == 3
       batches = batch if micro else jax.tree.map(lambda x: x[None], batch)
       n_micro = batches["input_ids"].shape[0]
@@ -99,7 +145,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
         return acc, None
 
       zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.float32(0.0),
-               {k: jnp.float32(0.0) for k in _AUX})
+               {k: jnp.float32(0.0) for k in obj.aux_names})
       (grads, loss, aux), _ = jax.lax.scan(one, zeros, (jnp.arange(n_micro), batches))
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)

@@ -1,0 +1,122 @@
+"""VQA fine-tuning end to end on the tiny synthetic world and the 8-device mesh.
+
+One short training run (module fixture) serves every test: loss goes down, eval runs,
+predict writes one answer per question, init_from a pretraining export / an orbax workdir,
+and bad input (missing images, out-of-range answer ids).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import vqa as vqa_config
+from uniter_jax import checkpointing, train
+from uniter_jax.data import format as fmt
+
+
+def _config(world, **overrides):
+  c = vqa_config.get_config("tiny")
+  c.data.synthetic = world
+  c.mesh = {"data": 4, "fsdp": 2}
+  for k, v in overrides.items():
+    if "." in k:
+      a, b = k.split(".")
+      c[a][b] = v
+    else:
+      c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tiny_world, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("vqa") / "run")
+  out = train.train_and_evaluate(_config(tiny_world), workdir)
+  return workdir, out
+
+
+def test_finetune_loss_down_and_eval(run):
+  workdir, out = run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(r) for r in f]
+  losses = [r["loss"] for r in rows]
+  assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
+  assert "train_score" in rows[-1] and "loss_vqa" in rows[-1]
+  ev = out["eval"]
+  assert ev["questions"] == 36 and 0.0 <= ev["vqa_score"] <= 1.0
+  assert {"vqa_score/count", "vqa_score/exist", "soft_score"} <= set(ev)
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    assert json.load(f)["model_class"] == "UniterForVqa"
+
+
+def test_predict_writes_every_question_once(run, tiny_world):
+  workdir, _ = run
+  res = train.train_and_evaluate(_config(tiny_world), workdir, mode="predict")
+  with open(res["predictions"]) as f:
+    results = json.load(f)
+  want = [r["id"] for r in fmt.iter_text_records(f"{tiny_world}/txt/vqa_test")]
+  assert sorted(r["question_id"] for r in results) == sorted(want)
+  with open(f"{tiny_world}/txt/vqa_train/ans2label.json") as f:
+    vocab = set(json.load(f))
+  assert all(isinstance(r["answer"], str) and r["answer"] in vocab for r in results)
+  # Same predictions again from --mode=eval's path: the checkpoint is unchanged.
+  again = train.train_and_evaluate(_config(tiny_world), workdir, mode="eval")
+  assert again["questions"] == 36
+
+
+def test_init_from_pretraining_export_and_orbax(run, tiny_world, tmp_path):
+  from uniter_jax.models import UniterForPretraining
+  cfg = _config(tiny_world)
+  spec = train.resolve_data(cfg)
+  model_cfg = train.model_config_from(cfg, train.data_sizes(spec))
+  pre = UniterForPretraining(model_cfg, rngs=nnx.Rngs(7))
+  path = checkpointing.export_msgpack(pre, str(tmp_path / "pre"))
+  # export mode writes the initialised parameters without training.
+  train.train_and_evaluate(_config(tiny_world, init_from=path), str(tmp_path / "a"),
+                           mode="export")
+  got = checkpointing.read_msgpack(str(tmp_path / "a" / "export" / "params.msgpack"))
+  want = checkpointing.read_msgpack(path)
+  assert set(got) == {"uniter", "vqa_output"}  # pretraining heads dropped, VQA head fresh
+  for (k, a), (_, b) in zip(checkpointing._flatten(got["uniter"]),  # pylint: disable=protected-access
+                            checkpointing._flatten(want["uniter"])):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(a, b, err_msg=str(k))
+  # An orbax workdir (the fine-tuned run) as init_from: every parameter, head included.
+  workdir, _ = run
+  train.train_and_evaluate(_config(tiny_world, init_from=workdir), str(tmp_path / "b"),
+                           mode="export")
+  b = checkpointing.read_msgpack(str(tmp_path / "b" / "export" / "params.msgpack"))
+  train.train_and_evaluate(_config(tiny_world), workdir, mode="export")
+  final = checkpointing.read_msgpack(os.path.join(workdir, "export", "params.msgpack"))
+  for (k, x), (_, y) in zip(checkpointing._flatten(b), checkpointing._flatten(final)):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(x, y, err_msg=str(k))
+
+
+def test_missing_image_is_counted_in_eval_and_an_error_in_predict(run, tiny_world, tmp_path):
+  from data_prep import vqa as prep
+  from uniter_jax.data.tokenizer import WordPieceTokenizer
+  recs = [r for r in fmt.iter_text_records(f"{tiny_world}/txt/vqa_val")][:10]
+  vqa_recs = [{"question_id": 500 + i, "image_id": r["image_id"] if i else "no_such_image",
+               "question": r["question"], "answers": list(r["answers"]),
+               "top_answer": r["answer"], "answer_type": "", "question_type": r["question_type"]}
+              for i, r in enumerate(recs)]
+  with open(f"{tiny_world}/txt/vqa_train/ans2label.json") as f:
+    a2l = json.load(f)
+  out = str(tmp_path / "val_missing")
+  prep.convert(vqa_recs, out, WordPieceTokenizer(f"{tiny_world}/vocab.txt"), a2l,
+               image_id_template="{image_id}", train=False)
+  workdir, _ = run
+  cfg = _config(tiny_world, **{"data.val_text_dirs": out})
+  res = train.train_and_evaluate(cfg, workdir, mode="eval")
+  assert res["questions"] == 9 and res["skipped_questions"] == 1
+  cfg = _config(tiny_world, predict_split="val", **{"data.val_text_dirs": out})
+  with pytest.raises(fmt.DataError, match="no_such_image"):
+    train.train_and_evaluate(cfg, workdir, mode="predict")
+
+  # Answer ids beyond the model's vocabulary: a clear error, not a silent wrong target.
+  small = tmp_path / "small_a2l.json"
+  small.write_text(json.dumps({a: i for a, i in a2l.items() if i < 5}))
+  with pytest.raises(fmt.DataError, match="outside the 5-answer"):
+    train.train_and_evaluate(_config(tiny_world, **{"data.ans2label": str(small)}),
+                             str(tmp_path / "c"), mode="eval")

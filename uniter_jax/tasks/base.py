@@ -1,0 +1,137 @@
+"""The task abstraction: what the shared trainer asks of pretraining and of each fine-tuning task.
+
+A task says which data it reads (and the synthetic world's folders for it), which model it
+builds, what one update optimises (an `Objective` for uniter_jax.train_step), which batch fields
+the step needs, how held-out evaluation runs, and how predictions are written. The trainer
+(uniter_jax.train) owns everything else: mesh, state, checkpoints, the loop and logging.
+Adding a task = one head module (uniter_jax/models), one task module here, one config, one
+evaluator (uniter_jax/evaluators), and a `register` call; no trainer edits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+
+from uniter_jax import batch as batch_lib
+from uniter_jax.models import UniterConfig
+
+
+def csv(value: str) -> list[str]:
+  """'a,b' -> ['a', 'b'] (empty entries dropped)."""
+  return [v for v in (value or "").split(",") if v]
+
+
+def config_rules(config) -> tuple:
+  """The logical-axis rules table of a config as hashable (name, axes) tuples."""
+  rules = []
+  for name, axes in config.sharding_rules:
+    rules.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  return tuple(rules)
+
+
+@dataclasses.dataclass
+class DataSpec:
+  """Resolved data folders of a run (train, held-out val, and test for predictions)."""
+
+  text_dirs: list[str]
+  image_dirs: list[str]
+  val_text_dirs: list[str]
+  val_image_dirs: list[str]
+  vocab: str
+  test_text_dirs: list[str] = dataclasses.field(default_factory=list)
+  test_image_dirs: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What a task's evaluator / predictor may use from the trainer (built once per run)."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: tuple
+  data: DataSpec
+  model_cfg: UniterConfig
+  graphdef: Any
+  # (text_dirs, image_dirs, *, train, seed=0, state=None, **PipelineConfig overrides) -> pipeline
+  pipeline: Callable[..., Any]
+  say: Callable[..., None]
+  cache: dict = dataclasses.field(default_factory=dict)  # jitted eval functions of the run
+
+
+class Task:
+  """Base class; subclasses set the class attributes and override what differs."""
+
+  name: str = ""
+  model_class: str = ""
+  # Synthetic-world text folders (under DIR/txt) for train, val and test; None = none.
+  synthetic_splits: tuple[str | None, str | None, str | None] = (None, None, None)
+  # Batch fields the train step needs beyond the model's (uniter_jax/batch.py FIELDS).
+  step_extra_fields: tuple[str, ...] = ()
+
+  # -- data ------------------------------------------------------------------------------
+  def data(self, config, *, ensure_world: Callable[[str], str]) -> DataSpec:
+    """Data folders from config.data; with config.data.synthetic, the world's folders fill gaps."""
+    d = config.data
+    text, image = csv(d.text_dirs), csv(d.image_dirs)
+    val_text, val_image = csv(d.val_text_dirs), csv(d.val_image_dirs)
+    test_text = csv(d.get("test_text_dirs", ""))
+    test_image = csv(d.get("test_image_dirs", ""))
+    vocab = d.vocab
+    if d.synthetic:
+      root = ensure_world(os.path.abspath(d.synthetic))
+      tr, va, te = (os.path.join(root, "txt", s) if s else None for s in self.synthetic_splits)
+      text = text or ([tr] if tr else [])
+      image = image or [os.path.join(root, "img_db")]
+      val_text = val_text or ([va] if va else [])
+      test_text = test_text or ([te] if te else [])
+      vocab = vocab or os.path.join(root, "vocab.txt")
+    if not text or not image:
+      raise ValueError("no training data: set --config.data.text_dirs and "
+                       "--config.data.image_dirs (folders made by data_prep), or "
+                       "--config.data.synthetic=DIR")
+    return DataSpec(text, image, val_text, val_image or image, vocab, test_text,
+                    test_image or val_image or image)
+
+  def needs_soft_labels(self, config) -> bool:
+    del config
+    return False
+
+  def check_data(self, config, data: DataSpec) -> None:
+    """Task-specific validation of the data before anything is built (clear errors)."""
+    del config, data
+
+  def check_pipeline(self, config, data: DataSpec, pipe, split: str) -> None:
+    """Task-specific validation of a built pipeline's texts (e.g. target ids in range)."""
+    del config, data, pipe, split
+
+  # -- model and update --------------------------------------------------------------------
+  def model_fn(self, model_cfg: UniterConfig, config, data: DataSpec
+               ) -> Callable[[], nnx.Module]:
+    raise NotImplementedError
+
+  def objective(self, config, data: DataSpec, *, group_size: int | None):
+    """A train_step.Objective (or the pretraining StepConfig) for the jitted step."""
+    raise NotImplementedError
+
+  def step_fields(self, batch: Mapping[str, Any]) -> dict:
+    """The pipeline batch restricted to what the jitted step reads."""
+    return {k: v for k, v in batch.items()
+            if k in batch_lib.FIELDS or k in self.step_extra_fields}
+
+  def log_aux(self) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Per branch name: (logged name, aux name) pairs averaged over the updates that drew it."""
+    return {}
+
+  # -- evaluation and predictions ------------------------------------------------------------
+  def evaluator(self, ctx: RunContext) -> Callable[[dict], dict]:
+    """state -> {metric: value} on the held-out split."""
+    raise NotImplementedError
+
+  def predictor(self, ctx: RunContext) -> Callable[[dict], dict]:
+    """state -> {"predictions": path, ...}: writes the task's result file for the test split."""
+    raise NotImplementedError(f"task {self.name!r} writes no predictions")

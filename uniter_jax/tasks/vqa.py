@@ -1,0 +1,183 @@
+"""VQA fine-tuning (spec 6.1): UniterForVqa, soft-score BCE, VQA accuracy, results.json."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uniter_jax import train_step as step_lib
+from uniter_jax.data import format as fmt
+from uniter_jax.evaluators import vqa as vqa_eval
+from uniter_jax.models.vqa import UniterForVqa, vqa_loss
+from uniter_jax.tasks import base, register
+
+ANS2LABEL = "ans2label.json"
+
+
+def soft_targets(labels: jax.Array, scores: jax.Array, num_answers: int) -> jax.Array:
+  """(B, F) answer ids (-1 = padding) and scores -> dense (B, num_answers) targets."""
+  hot = jax.nn.one_hot(labels, num_answers, dtype=jnp.float32)  # -1 -> all zeros
+  return jnp.sum(hot * scores[..., None].astype(jnp.float32), axis=1)
+
+
+def _vqa_branch(model, batch, key, deterministic, *, num_answers):
+  logits = model(batch, deterministic=deterministic, rngs=key)
+  targets = soft_targets(batch["labels"], batch["scores"], num_answers)
+  pred = jnp.argmax(logits, axis=-1)
+  score = jnp.mean(jnp.take_along_axis(targets, pred[:, None], axis=1))
+  return vqa_loss(logits, targets), {"score": score}
+
+
+def ans2label_path(config, data: base.DataSpec) -> str:
+  """config.data.ans2label, else the first train folder's ans2label.json."""
+  return config.data.get("ans2label", "") or os.path.join(data.text_dirs[0], ANS2LABEL)
+
+
+@functools.lru_cache(maxsize=8)
+def read_answers(path: str) -> tuple[str, ...]:
+  """label -> answer string, from an ans2label.json ({answer: id}, ids 0..N-1)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no answer vocabulary; write one with data_prep.vqa or set "
+                            "--config.data.ans2label=PATH")
+  with open(path, encoding="utf-8") as f:
+    a2l = json.load(f)
+  label2ans = [""] * len(a2l)
+  for a, i in a2l.items():
+    if not 0 <= int(i) < len(a2l) or label2ans[int(i)]:
+      raise ValueError(f"{path}: answer ids must be 0..{len(a2l) - 1}, each once ({a!r}: {i})")
+    label2ans[int(i)] = a
+  return tuple(label2ans)
+
+
+def _host(x) -> np.ndarray:
+  """A global array on every host (the eval outputs are small)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+class VqaTask(base.Task):
+  """UniterForVqa over the answer vocabulary; lr_mul for the head comes from the config."""
+
+  name = "vqa"
+  model_class = "UniterForVqa"
+  synthetic_splits = ("vqa_train", "vqa_val", "vqa_test")
+  step_extra_fields = ("labels", "scores")
+
+  def answers(self, config, data: base.DataSpec) -> tuple[str, ...]:
+    return read_answers(ans2label_path(config, data))
+
+  def check_data(self, config, data):
+    self.answers(config, data)
+
+  def check_pipeline(self, config, data, pipe, split: str) -> None:
+    """Answer ids must index the vocabulary; a split with no question is an error."""
+    n = len(self.answers(config, data))
+    labels = pipe.planner.fields.get("labels")
+    if labels is None:
+      raise fmt.DataError(f"{split} texts have no 'labels' field: not VQA records "
+                          "(convert with data_prep.vqa)")
+    top = max((int(np.max(l)) for l in labels if len(l)), default=-1)
+    if top >= n:
+      raise fmt.DataError(f"{split} texts use answer id {top}, outside the {n}-answer "
+                          "vocabulary; convert the data with the same ans2label.json")
+
+  def model_fn(self, model_cfg, config, data):
+    n = len(self.answers(config, data))
+    return lambda: UniterForVqa(model_cfg, n, rngs=nnx.Rngs(params=config.seed))
+
+  def objective(self, config, data, *, group_size):
+    del group_size
+    n = len(self.answers(config, data))
+    return step_lib.Objective(
+        names=("vqa",), losses=(functools.partial(_vqa_branch, num_answers=n),),
+        ratios=(1.0,), aux_names=("score",), rules=base.config_rules(config))
+
+  def log_aux(self):
+    return {"vqa": (("train_score", "score"),)}
+
+  # -- evaluation ------------------------------------------------------------------------------
+  def _predict_split(self, ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool
+                     ) -> tuple[dict[int, int], object]:
+    """Argmax answer id of every question of a split: {text index: answer id}, pipeline."""
+    pipe = ctx.pipeline(text_dirs, image_dirs, train=False, drop_remainder=False,
+                        num_epochs=1, strict=strict)
+    self.check_pipeline(ctx.config, ctx.data, pipe, ",".join(text_dirs))
+    fn = self._predict_fn(ctx)
+    preds: dict[int, int] = {}
+    with jax.set_mesh(ctx.mesh):
+      for batch in pipe:
+        top = _host(fn(state["params"], state["rest"], step_lib.model_fields(batch)))
+        for i, a in zip(_host(batch["example_index"]).tolist(), top.tolist()):
+          if i < 0:  # a padding row of the last batch
+            continue
+          if i in preds:
+            raise RuntimeError(f"question #{i} was predicted twice; the eval pipeline must "
+                               "visit each question once")
+          preds[i] = a
+    expected = set(np.nonzero(pipe.planner.valid)[0].tolist())
+    lost = expected - set(preds)
+    if lost:
+      raise RuntimeError(f"{len(lost)} questions got no prediction (e.g. {sorted(lost)[:5]})")
+    return preds, pipe
+
+  def _predict_fn(self, ctx: base.RunContext):
+    """One jitted argmax per run (kept in ctx.cache: it compiles once per batch shape)."""
+    if "vqa_predict" not in ctx.cache:
+      graphdef = ctx.graphdef
+
+      def predict(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return jnp.argmax(model(batch, deterministic=True), axis=-1)
+
+      ctx.cache["vqa_predict"] = jax.jit(predict)
+    return ctx.cache["vqa_predict"]
+
+  def evaluator(self, ctx: base.RunContext):
+    label2ans = self.answers(ctx.config, ctx.data)
+
+    def evaluate(state) -> dict:
+      if not ctx.data.val_text_dirs:
+        return {}
+      preds, pipe = self._predict_split(ctx, state, ctx.data.val_text_dirs,
+                                        ctx.data.val_image_dirs, strict=False)
+      out = vqa_eval.score_split(preds, label2ans, pipe.planner.fields)
+      skipped = int(np.sum(~pipe.planner.valid))
+      if skipped:
+        out["skipped_questions"] = skipped
+      return out
+
+    return evaluate
+
+  def predictor(self, ctx: base.RunContext):
+    label2ans = self.answers(ctx.config, ctx.data)
+
+    def predict(state) -> dict:
+      split = ctx.config.get("predict_split", "test")
+      dirs = {"test": (ctx.data.test_text_dirs, ctx.data.test_image_dirs),
+              "val": (ctx.data.val_text_dirs, ctx.data.val_image_dirs)}[split]
+      if not dirs[0]:
+        raise ValueError(f"no {split} texts: set --config.data.{split}_text_dirs")
+      # Every question must be answered: a question whose image is missing is an error here.
+      preds, pipe = self._predict_split(ctx, state, *dirs, strict=True)
+      qids = vqa_eval.question_ids(pipe.planner.text_ids, pipe.planner.fields)
+      order = sorted(preds)
+      path = os.path.join(ctx.workdir, "predictions", split, "results.json")
+      vqa_eval.write_results(path, [qids[i] for i in order], [label2ans[preds[i]] for i in order])
+      out = {"predictions": path, "questions": len(order)}
+      f = pipe.planner.fields
+      if "answers" in f or ("labels" in f and "scores" in f):  # a split with answers
+        out.update(vqa_eval.score_split(preds, label2ans, f))
+      return out
+
+    return predict
+
+
+register(VqaTask())
