@@ -310,11 +310,13 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
   evaluate = task.evaluator(ctx)
 
   if mode in ("eval", "predict"):
-    result = evaluate(state) if mode == "eval" else task.predictor(ctx)(state)
+    try:  # a data error must not leave the manager's threads running
+      result = evaluate(state) if mode == "eval" else task.predictor(ctx)(state)
+    finally:
+      ckpt.close()
     metrics_lib.Writer(workdir, subdir=mode).write(
         int(state["step"]), {k: v for k, v in result.items() if isinstance(v, (int, float))})
     say("%s at step %d: %s", mode, int(state["step"]), _rounded(result))
-    ckpt.close()
     return result
 
   # -- Train step ----------------------------------------------------------------------------
