@@ -140,3 +140,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
   assert proc.returncode == 0, err[-3000:]
   steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert len(steps) == 1 and 1 <= steps[0] < 100000
+
+
+def test_non_finite_loss_stops_with_step_and_task(tiny_world, tmp_path):
+  workdir = str(tmp_path / "nan")
+  cfg = _config(tiny_world, checkpoint_every_steps=1)
+  cfg.optimizer.lr = 1e30  # the first update blows the parameters up
+  cfg.optimizer.warmup_steps = 1
+  with pytest.raises(train.NonFiniteLoss, match=r"at step (\d+) \(task (mlm|itm)\)") as err:
+    train.train_and_evaluate(cfg, workdir)
+  bad_step = int(__import__("re").search(r"at step (\d+)", str(err.value)).group(1))
+  mngr = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)
+  assert mngr.latest_step() is not None and mngr.latest_step() < bad_step
+  assert f"last good checkpoint is step {mngr.latest_step()}" in str(err.value)

@@ -27,7 +27,10 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 def compiled_flops(compiled: Any) -> float | None:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+  """FLOPs of one call of a lowered or compiled function, from XLA's cost analysis.
+
+  A scanned loop body is counted once (see uniter_jax.flops).
+  """
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
