@@ -71,6 +71,10 @@ def jax_tree_np(tree):
     ("Two", "2"), ("the red, ball.", "red ball"), ("a dog", "dog"), ("dont", "don't"),
     ("1,000", "1000"), ("3.5", "3.5"), ("yes!", "yes"), ("an apple", "apple"),
     ("none", "0"), ("  ten\n", "10"), ("left-side", "left side"),
+    # Contractions as the official evaluator's table has them (read from its source):
+    ("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"), ("couldntve", "couldntve"),
+    ("twas", "'twas"), ("yall'll", "y'all'll"), ("wed've", "we'd've"), ("hed", "he'd"),
+    ("im", "im"), ("shes", "shes"), ("lets go", "lets go"), ("its", "its"), ("wed", "wed"),
 ])
 def test_normalize_answer(raw, want):
   assert ev.normalize_answer(raw) == want

@@ -22,22 +22,38 @@ import numpy as np
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                  "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = frozenset(("a", "an", "the"))
-# Contractions typed without the apostrophe get it back; forms that are also ordinary words
-# ("its", "were", "well", "hell", "id", "wed", "shell") are deliberately absent.
-_CONTRACTIONS = {w.replace("'", ""): w for w in (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't",
-    "don't", "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd",
-    "how'll", "how's", "i'd've", "i'm", "i've", "isn't", "it'd", "it'd've", "it'll", "let's",
-    "ma'am", "mightn't", "mightn't've", "might've", "mustn't", "must've", "needn't",
-    "not've", "o'clock", "oughtn't", "shan't", "she'd", "she'd've", "she's", "should've",
-    "shouldn't", "shouldn't've", "somebody'd", "somebody'd've", "somebody'll", "somebody's",
-    "someone'd", "someone'd've", "someone'll", "someone's", "something'd", "something'd've",
-    "something'll", "that's", "there'd", "there'd've", "there're", "there's", "they'd",
-    "they'd've", "they'll", "they're", "they've", "twas", "wasn't", "we'd've", "we've",
+# Contractions as the official VQA evaluation restores them, built by rule: a word with one
+# apostrophe is looked up without it; a word with several is looked up with exactly one of them
+# missing (so "couldnt've" and "couldn'tve" map, "couldntve" does not). Forms the official table
+# lacks stay unmapped ("im", "ive", "shes", "lets", "shed", "wed", "its", ...): its capitalised
+# I-forms never match the lower-cased words it looks up. One official quirk is kept on purpose
+# (somebody'd -> somebodyd), so scores stay comparable with the evaluation server.
+_ONE_APOSTROPHE = (
+    "'twas", "ain't", "aren't", "can't", "could've", "couldn't", "didn't", "doesn't", "don't",
+    "hadn't", "hasn't", "haven't", "he'd", "he's", "how'd", "how'll", "how's", "isn't", "it'd",
+    "it'll", "ma'am", "mightn't", "might've", "mustn't", "must've", "needn't", "not've",
+    "o'clock", "oughtn't", "shan't", "should've", "shouldn't", "somebody'll", "somebody's",
+    "someone'd", "someone'll", "someone's", "something'd", "something'll", "that's", "there'd",
+    "there're", "there's", "they'd", "they'll", "they're", "they've", "wasn't", "we've",
     "weren't", "what'll", "what're", "what's", "what've", "when's", "where'd", "where's",
-    "where've", "who'd", "who'd've", "who'll", "who's", "who've", "why'll", "why're", "why's",
-    "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've",
-    "you'd", "you'd've", "you'll", "you're", "you've")}
+    "where've", "who'd", "who'll", "who's", "who've", "why'll", "why're", "why's", "won't",
+    "would've", "wouldn't", "y'all", "you'd", "you'll", "you're", "you've")
+_SEVERAL_APOSTROPHES = (
+    "'ow's'at", "couldn't've", "hadn't've", "he'd've", "it'd've", "mightn't've", "she'd've",
+    "shouldn't've", "somebody'd've", "someone'd've", "something'd've", "there'd've",
+    "they'd've", "we'd've", "who'd've", "wouldn't've", "y'all'd've", "y'all'll", "you'd've")
+
+
+def _contractions() -> dict[str, str]:
+  table = {w.replace("'", ""): w for w in _ONE_APOSTROPHE}
+  for w in _SEVERAL_APOSTROPHES:
+    cuts = [i for i, ch in enumerate(w) if ch == "'"]
+    table.update({w[:i] + w[i + 1:]: w for i in cuts})
+  table["somebody'd"] = "somebodyd"  # the official table's own (reversed) entry
+  return table
+
+
+_CONTRACTIONS = _contractions()
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
           "@", "`", ",", "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
