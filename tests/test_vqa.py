@@ -165,6 +165,18 @@ def test_data_prep_vqa(tiny_world, tmp_path):
              str(tmp_path / "vqa_test")])
   rec = next(iter(fmt.iter_text_records(str(tmp_path / "vqa_test"))))
   assert set(rec) >= {"question", "question_id"} and "labels" not in rec
+  # Visual Genome QA: one answer per question, a target of score 1 when in the vocabulary.
+  vg = tmp_path / "question_answers.json"
+  vg.write_text(json.dumps([{"id": 3, "qas": [
+      {"qa_id": 9001, "image_id": 3, "question": "What color is the star?", "answer": "Yes."},
+      {"qa_id": 9002, "image_id": 3, "question": "Where is it?", "answer": "on the table"}]}]))
+  m = prep.main(["--vg-qa", str(vg), "--vocab", vocab, "--ans2label", str(a2l),
+                 "--image-id-template", "synth_{image_id:06d}", "--out", str(tmp_path / "vg")])
+  vg_recs = {r["question_id"]: r for r in fmt.iter_text_records(str(tmp_path / "vg"))}
+  assert sorted(vg_recs) == [9001]  # "on table" is outside the vocabulary: dropped, counted
+  assert vg_recs[9001]["labels"].tolist() == [0] and vg_recs[9001]["scores"].tolist() == [1.0]
+  assert m["vqa"]["counts"]["questions_dropped"] == 1
+
   empty_q = tmp_path / "empty.json"
   empty_q.write_text(json.dumps({"questions": []}))
   with pytest.raises(fmt.DataError, match="no questions"):
