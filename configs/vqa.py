@@ -23,7 +23,8 @@ import ml_collections
 from configs import common, pretrain
 
 # Pretraining-only settings that a fine-tuning config does not carry.
-_PRETRAIN_ONLY = ("tasks", "mlm_prob", "mrm_prob", "itm_neg_prob", "ot_lambda", "ot_solver")
+_PRETRAIN_ONLY = ("tasks", "mlm_prob", "mlm_focus_words", "mlm_focus_prob", "mrm_prob",
+                  "itm_neg_prob", "ot_lambda", "ot_solver")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniter_jax.masking import MaskingConfig, apply_task, mask_regions, mask_text
+from uniter_jax.masking import (MaskingConfig, apply_task, mask_focus_words, mask_regions,
+                                mask_text, with_other_images)
 
 CFG = MaskingConfig()  # official bert-base-cased ids
 B, LT, LI = 256, 40, 30
@@ -51,6 +52,26 @@ def test_mlm_forces_the_first_token_when_nothing_was_drawn():
                           random_range=CFG.random_range, prob=0.0)
   assert np.asarray(labels).tolist() == [[-1, 500, -1, -1, -1]]
   assert np.asarray(new).tolist() == [[101, 103, 600, 102, 0]]
+
+
+def test_mlm_focus_words_are_masked_at_their_own_rate():
+  ids, mask = _text(3)
+  focus = tuple(range(106, 5000))  # about a sixth of the ids
+  ids_np, mask_np = np.asarray(ids), np.asarray(mask)
+  is_focus = mask_np & np.isin(ids_np, focus)
+  others = mask_np & ~np.isin(ids_np, focus + CFG.special_ids)
+  for focus_prob in (1.0, 0.0):
+    _, labels = mask_text(jax.random.key(4), ids, mask, mask_id=103, special_ids=CFG.special_ids,
+                          random_range=CFG.random_range, focus_ids=focus, focus_prob=focus_prob)
+    target = np.asarray(labels) != -1
+    if focus_prob:
+      assert target[is_focus].all()
+    else:  # only a forced first token may still pick a focus word
+      first = mask_np & ~np.isin(ids_np, CFG.special_ids)
+      first &= np.cumsum(first, 1) == 1
+      assert not (target & is_focus & ~first).any()
+    rate = target[others].mean()
+    assert abs(rate - 0.15) < 0.02, (focus_prob, rate)
 
 
 def test_mrm_rate_forced_region_and_targets():
@@ -104,3 +125,37 @@ def test_itm_negatives_never_own_image_and_same_image_is_positive():
   np.testing.assert_array_equal(np.asarray(out["itm_targets"]), expected)
   np.testing.assert_array_equal(out["input_ids"], batch["input_ids"])  # text never replaced
   np.testing.assert_array_equal(np.asarray(out["img_ids"]), np.asarray(img_ids)[src])
+
+
+def test_focus_words_resolve_through_the_vocab_and_unknown_words_are_named():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  from uniter_jax.tasks.pretrain import focus_ids  # pylint: disable=import-outside-toplevel
+  vocab = {"[PAD]": 0, "red": 7, "circle": 9}
+  cfg = ml_collections.ConfigDict({"mlm_focus_words": "circle, red"})
+  assert focus_ids(cfg, vocab, "v.txt") == (7, 9)
+  assert focus_ids(ml_collections.ConfigDict({"mlm_focus_words": ""}), vocab, "v.txt") == ()
+  cfg.mlm_focus_words = "red,teal"
+  with pytest.raises(ValueError, match=r"mlm_focus_words.*teal.*v\.txt"):
+    focus_ids(cfg, vocab, "v.txt")
+
+
+def test_focus_probe_masks_every_focus_word_and_swaps_images_half_a_batch_away():
+  ids = np.array([[101, 7, 9, 5, 102, 0], [101, 9, 5, 102, 0, 0], [101, 9, 102, 7, 0, 0],
+                  [101, 6, 7, 102, 0, 0]], np.int32)
+  txt_mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0]], bool)  # row 2: the 7 after [SEP] is padding
+  cfg = MaskingConfig(mask_id=3, focus_ids=(7, 9))
+  out = mask_focus_words({"input_ids": jnp.asarray(ids), "txt_mask": jnp.asarray(txt_mask)}, cfg)
+  hit = np.isin(ids, (7, 9)) & txt_mask
+  assert (np.asarray(out["input_ids"]) == np.where(hit, 3, ids)).all()
+  assert (np.asarray(out["txt_labels"]) == np.where(hit, ids, -1)).all()
+
+  feat = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), np.float32)
+  batch = dict(out, img_feat=jnp.asarray(feat), img_ids=jnp.asarray([10, 11, 12, 11]))
+  swapped = with_other_images(batch)
+  assert np.asarray(swapped["img_feat"])[:, 0, 0].tolist() == [2, 3, 0, 1]  # half a batch away
+  labels = np.asarray(swapped["txt_labels"])
+  # Rows 1 and 3 swap two pictures with the same img_ids: no longer a control, no targets.
+  assert (labels[[1, 3]] == -1).all() and (np.asarray(out["txt_labels"])[[1, 3]] != -1).any()
+  assert (labels[[0, 2]] == np.asarray(out["txt_labels"])[[0, 2]]).all()

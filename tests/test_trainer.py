@@ -113,6 +113,8 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   assert all(np.isfinite(r["loss"]) and r["examples_per_sec"] > 0 for r in rows)
   ev = [json.loads(l) for l in open(os.path.join(workdir, "eval", "metrics.jsonl"))]
   assert {"mlm/accuracy", "mrfr/loss", "mrckl/accuracy", "itm/accuracy", "itm/ot_pos"} <= set(ev[0])
+  for k in ("mlm_focus/accuracy_own_image", "mlm_focus/accuracy_other_image"):  # grounding probe
+    assert 0.0 <= ev[0][k] <= 1.0, (k, ev[0])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
   bad = subprocess.run(cmd + ["--config.total_stepz=3"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)

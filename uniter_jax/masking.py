@@ -32,19 +32,27 @@ class MaskingConfig:
   # ITM negatives are drawn within groups of this many consecutive examples (set to the
   # per-device batch so the image swap needs no cross-device traffic); None = whole batch.
   itm_group_size: int | None = None
+  # Not in UNITER: ids masked with `focus_prob` instead of mlm_prob (ERNIE-ViL-style masking
+  # of attribute/object words). Empty = the official masking.
+  focus_ids: tuple[int, ...] = ()
+  focus_prob: float = 1.0
 
 
 def mask_text(key: jax.Array, input_ids: jax.Array, txt_mask: jax.Array, *, mask_id: int,
-              special_ids: Sequence[int], random_range: tuple[int, int], prob: float = 0.15
+              special_ids: Sequence[int], random_range: tuple[int, int], prob: float = 0.15,
+              focus_ids: Sequence[int] = (), focus_prob: float = 1.0
               ) -> tuple[jax.Array, jax.Array]:
   """BERT masking of eligible tokens: returns (masked input_ids, txt_labels with -1 = none).
 
-  Each eligible token (real, not a special id such as [CLS]/[SEP]) is selected with `prob`;
-  a selected token becomes [MASK] (80%), a uniform id in `random_range` (10%) or stays
-  (10%). An example with no selection gets its first eligible token forced to [MASK].
+  Each eligible token (real, not a special id such as [CLS]/[SEP]) is selected with `prob`
+  (`focus_prob` for ids in `focus_ids`); a selected token becomes [MASK] (80%), a uniform
+  id in `random_range` (10%) or stays (10%). An example with no selection gets its first
+  eligible token forced to [MASK].
   """
   k_sel, k_kind, k_rand = jax.random.split(key, 3)
   eligible = txt_mask.astype(bool) & ~jnp.isin(input_ids, jnp.asarray(special_ids))
+  if focus_ids:
+    prob = jnp.where(jnp.isin(input_ids, jnp.asarray(focus_ids)), focus_prob, prob)
   selected = jax.random.bernoulli(k_sel, prob, input_ids.shape) & eligible
   first = eligible & (jnp.cumsum(eligible, axis=1) == 1)
   forced = first & ~selected.any(axis=1, keepdims=True)
@@ -113,12 +121,41 @@ def sample_itm_negatives(key: jax.Array, batch: Batch, prob: float = 0.5,
   return out
 
 
+def mask_focus_words(batch: Batch, cfg: MaskingConfig) -> dict:
+  """Every focus word ([MASK], no 80/10/10) becomes an MLM target; nothing else does.
+
+  An eval probe of grounding: with all colour/shape words of a caption hidden, the text
+  alone cannot tell them, so their accuracy measures how well the model reads the regions.
+  """
+  ids = batch["input_ids"]
+  hit = jnp.isin(ids, jnp.asarray(cfg.focus_ids, ids.dtype)) & batch["txt_mask"].astype(bool)
+  return {**batch, "input_ids": jnp.where(hit, cfg.mask_id, ids).astype(ids.dtype),
+          "txt_labels": jnp.where(hit, ids, -1).astype(jnp.int32)}
+
+
+def with_other_images(batch: Batch) -> dict:
+  """Each example gets the image of the example half a batch away (the control of a probe).
+
+  MLM targets of rows whose new image is their own (equal `img_ids`) are dropped.
+  """
+  b = batch["input_ids"].shape[0]
+  out = {**batch}
+  for name in IMAGE_FIELDS:
+    if name in batch:
+      out[name] = jnp.roll(batch[name], b // 2, axis=0)
+  if "img_ids" in batch and "txt_labels" in batch:
+    same = out["img_ids"] == batch["img_ids"]
+    out["txt_labels"] = jnp.where(same[:, None], -1, batch["txt_labels"])
+  return out
+
+
 def apply_task(key: jax.Array, batch: Batch, task: str, cfg: MaskingConfig) -> dict:
   """Adds `task`'s inputs and targets to a raw image-text batch (one modality only)."""
   if task == "mlm":
     ids, labels = mask_text(key, batch["input_ids"], batch["txt_mask"], mask_id=cfg.mask_id,
                             special_ids=cfg.special_ids, random_range=cfg.random_range,
-                            prob=cfg.mlm_prob)
+                            prob=cfg.mlm_prob, focus_ids=cfg.focus_ids,
+                            focus_prob=cfg.focus_prob)
     return {**batch, "input_ids": ids, "txt_labels": labels}
   if task in ("mrfr", "mrc", "mrckl"):
     if task != "mrfr" and "img_soft_labels" not in batch:

@@ -25,7 +25,8 @@ from flax import nnx
 from uniter_jax import batch as batch_lib
 from uniter_jax import sharding
 from uniter_jax.losses import pretrain_loss
-from uniter_jax.masking import MaskingConfig, apply_task
+from uniter_jax.masking import (MaskingConfig, apply_task, mask_focus_words,
+                                 with_other_images)
 
 # Per-task scalars every pretraining branch reports (zeros where a task does not define
 # one), so that all lax.switch branches return the same structure.
@@ -173,6 +174,13 @@ def make_eval_step(graphdef, cfg: StepConfig) -> Callable:
           out[f"{task}/accuracy"] = aux["accuracy"]
         if task == "itm":
           out["itm/ot_pos"], out["itm/ot_neg"] = aux["ot_pos"], aux["ot_neg"]
+      if cfg.masking.focus_ids and "mlm" in cfg.tasks:
+        # Grounding probe: every focus word hidden; read from its own image vs another.
+        model = nnx.merge(graphdef, params, rest)
+        probe = mask_focus_words(batch, cfg.masking)
+        for name, b in (("own_image", probe), ("other_image", with_other_images(probe))):
+          res = pretrain_loss(model, b, "mlm", deterministic=True)
+          out[f"mlm_focus/accuracy_{name}"] = res["accuracy"]
       return out
 
   return evaluate

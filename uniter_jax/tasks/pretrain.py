@@ -28,7 +28,20 @@ def masking_config(config, vocab_path: str) -> MaskingConfig:
   specials = sorted({tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})
   return MaskingConfig(mask_id=tok.mask_id, special_ids=tuple(specials),
                        random_range=(start, len(tok.vocab)), mlm_prob=config.mlm_prob,
-                       mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob)
+                       mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob,
+                       focus_ids=focus_ids(config, tok.vocab, vocab_path),
+                       focus_prob=config.get("mlm_focus_prob", 1.0))
+
+
+def focus_ids(config, vocab: dict[str, int], vocab_path: str) -> tuple[int, ...]:
+  """Ids of config.mlm_focus_words (comma-separated whole vocab tokens); () when unset."""
+  words = [w.strip() for w in str(config.get("mlm_focus_words", "") or "").split(",")]
+  words = [w for w in words if w]
+  missing = [w for w in words if w not in vocab]
+  if missing:
+    raise ValueError(f"config.mlm_focus_words: {missing} are not tokens of {vocab_path}; "
+                     "list whole vocab tokens, or set mlm_focus_words='' for official masking")
+  return tuple(sorted(vocab[w] for w in words))
 
 
 def step_config(config, data: base.DataSpec, rules, group_size: int | None
