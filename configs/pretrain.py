@@ -17,10 +17,7 @@ Variant arguments: `:tiny` (smallest, for tests), `:default,steps=200`.
 import ml_collections
 
 from configs import common
-
-# The synthetic world's colour and shape words (data_prep/synthetic/scene.py).
-_SYNTHETIC_ATTRIBUTE_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "pink",
-                              "circle", "square", "triangle", "diamond", "star", "cross")
+from data_prep.synthetic import scene as synthetic_scene
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -58,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # model trained from scratch never looks at the regions under uniform masking (its
   # colour/shape word accuracy equals that with another image's regions after 3000 MLM
   # steps); masking every colour and shape word makes it ground them within ~250 steps.
-  c.mlm_focus_words = ",".join(_SYNTHETIC_ATTRIBUTE_WORDS)
+  c.mlm_focus_words = ",".join(synthetic_scene.COLOUR_NAMES + synthetic_scene.SHAPES)
   c.mlm_focus_prob = 1.0
   c.mrm_prob = 0.15
   c.itm_neg_prob = 0.5

@@ -52,15 +52,16 @@ def main() -> None:
   p.add_argument("--world", default="data/synthetic")
   a = p.parse_args()
   w = os.path.abspath(a.workdir)
-  inits = {"random init": None, "pretrained (default)": pretrain(os.path.join(w, "pretrain"), [])}
+  # row name -> (workdir tag, params to start from)
+  inits = {"random init": ("scratch", None),
+           "pretrained (default)": ("pretrain", pretrain(os.path.join(w, "pretrain"), []))}
   if a.uniform_masking:
-    inits["pretrained (uniform MLM masking)"] = pretrain(
-        os.path.join(w, "pretrain_uniform"), ["--config.mlm_focus_words="])
+    inits["pretrained (uniform MLM masking)"] = ("pretrain_uniform", pretrain(
+        os.path.join(w, "pretrain_uniform"), ["--config.mlm_focus_words="]))
   vqa_cfg = "configs/vqa.py" + (f":default,steps={a.vqa_steps}" if a.vqa_steps else "")
   rows = {}
-  for name, init in inits.items():
+  for name, (tag, init) in inits.items():
     for seed in (int(s) for s in a.seeds.split(",")):
-      tag = "scratch" if init is None else os.path.basename(os.path.dirname(os.path.dirname(init)))
       wd = os.path.join(w, f"vqa_{tag}_s{seed}")
       if not os.path.exists(os.path.join(wd, "eval", "metrics.jsonl")):
         run([f"--config={vqa_cfg}", f"--workdir={wd}", f"--config.seed={seed}"]
