@@ -34,8 +34,10 @@ def main(argv):
   import flax  # pylint: disable=import-outside-toplevel
   logging.info("jax %s, flax %s; process %d/%d; devices: %s", jax.__version__,
                flax.__version__, jax.process_index(), jax.process_count(), jax.devices())
+  from data_prep import synthetic  # pylint: disable=import-outside-toplevel
   from uniter_jax import train  # pylint: disable=import-outside-toplevel
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode,
+                                    make_world=synthetic.ensure_world)
   logging.info("done: %s", result)
 
 

@@ -41,21 +41,24 @@ def base_step_gflops_per_token() -> float:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from uniter_jax import flops, optim, sharding, train_step  # pylint: disable=import-outside-toplevel
+  from uniter_jax import flops, optim, sharding  # pylint: disable=import-outside-toplevel
   from uniter_jax.masking import MaskingConfig  # pylint: disable=import-outside-toplevel
   from uniter_jax.models import UniterConfig, UniterForPretraining  # pylint: disable=import-outside-toplevel
+  from uniter_jax.tasks import pretrain  # pylint: disable=import-outside-toplevel
 
   cfg = UniterConfig.preset("base", dtype="bfloat16")
   _, params, _ = nnx.split(nnx.eval_shape(lambda: UniterForPretraining(cfg, rngs=nnx.Rngs(0))),
                            nnx.Param, ...)
   tx, _ = optim.make_optimizer(params, lr=5e-5, warmup_steps=1, total_steps=10)
   mix = {"mlm": 2.0, "mrfr": 1.0, "mrckl": 1.0, "itm": 2.0}  # in-domain base config
-  scfg = train_step.StepConfig(tasks=tuple(mix), ratios=tuple(mix.values()),
-                               masking=MaskingConfig(), rules=sharding.DATA_PARALLEL_RULES)
+  objective = pretrain.objective(pretrain.PretrainSettings(mix=tuple(mix.items()),
+                                                          masking=MaskingConfig()))
   b, lt, li = 8, 64, 64
-  per_task = flops.train_step_flops(cfg, tx, scfg, flops.abstract_batch(cfg, b, lt, li,
-                                                                        jnp.bfloat16))
-  return flops.mean_step_flops(per_task, mix) / (b * (lt + li)) / 1e9
+  flat = flops.unscanned(cfg)
+  per_branch = flops.branch_flops(lambda: UniterForPretraining(flat, rngs=nnx.Rngs(0)), tx,
+                                  objective, flops.abstract_batch(cfg, b, lt, li, jnp.bfloat16),
+                                  sharding.DATA_PARALLEL_RULES)
+  return flops.mean_step_flops(per_branch, mix) / (b * (lt + li)) / 1e9
 
 
 def make_synthetic(root: str, images: int, texts_per_image: int, soft: bool, seed: int = 0) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 from uniter_jax import flops as flops_lib, metrics, optim, sharding, train_step  # noqa: E402
 from uniter_jax.masking import MaskingConfig  # noqa: E402
 from uniter_jax.models import UniterConfig, UniterForPretraining  # noqa: E402
+from uniter_jax.tasks import pretrain  # noqa: E402
 
 
 def make_batch(cfg: UniterConfig, b: int, lt: int, li: int, key) -> dict:
@@ -50,16 +51,12 @@ def bench(size: str, batch: int, steps: int, dtype: str, lt: int, li: int, solve
   graphdef, abs_params, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   tx, schedule = optim.make_optimizer(abs_params, lr=5e-5, warmup_steps=10, total_steps=1000)
 
-  def init():
-    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
-    return {"params": params, "rest": rest, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
-
+  init = train_step.init_state_fn(model_fn, tx)
   shard = sharding.state_shardings(jax.eval_shape(init), mesh, rules)
-  scfg = train_step.StepConfig(tasks=("mlm", "mrfr", "mrckl", "itm"), ratios=(2, 1, 1, 2),
-                               masking=MaskingConfig(), ot_options=(("solver", solver),),
-                               rules=rules)
-  step = train_step.make_train_step(graphdef, tx, scfg, schedule)
+  mix = {"mlm": 2.0, "mrfr": 1.0, "mrckl": 1.0, "itm": 2.0}  # in-domain base config
+  objective = pretrain.objective(pretrain.PretrainSettings(
+      mix=tuple(mix.items()), masking=MaskingConfig(), ot_options=(("solver", solver),)))
+  step = train_step.make_train_step(graphdef, tx, objective, rules=rules, schedule=schedule)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shard)()
     b = jax.device_put(make_batch(cfg, batch, lt, li, jax.random.PRNGKey(1)),
@@ -76,9 +73,10 @@ def bench(size: str, batch: int, steps: int, dtype: str, lt: int, li: int, solve
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
   # Counted on an unscanned copy (XLA counts a scanned layer once), averaged over the mix.
-  mix = dict(zip(scfg.tasks, scfg.ratios))
-  per_task = flops_lib.train_step_flops(cfg, tx, scfg, jax.eval_shape(lambda: b))
-  flops = flops_lib.mean_step_flops(per_task, mix)
+  flat = flops_lib.unscanned(cfg)
+  per_branch = flops_lib.branch_flops(lambda: UniterForPretraining(flat, rngs=nnx.Rngs(0)), tx,
+                                      objective, jax.eval_shape(lambda: b), rules)
+  flops = flops_lib.mean_step_flops(per_branch, mix)
   peak = metrics.device_peak_flops()
   return {"size": size, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
           "dtype": dtype, "batch": batch, "txt_len": lt, "regions": li, "ot_solver": solver,

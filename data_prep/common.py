@@ -28,7 +28,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_box_args(parser: argparse.ArgumentParser) -> None:
-  """The official box policy flags (spec 4.1)."""
+  """The official box policy flags (docs/official.md, *Box features and box policy*)."""
   g = parser.add_argument_group("box policy (official defaults: conf_th 0.2, 10 to 100 boxes)")
   g.add_argument("--conf-th", type=float, default=None, help="keep boxes with confidence above this (default 0.2)")
   g.add_argument("--min-bb", type=int, default=None, help="keep at least this many boxes (default 10)")

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_prep import common
+from uniter_jax import pytree
 from uniter_jax.data import format as fmt
 from uniter_jax.data.boxes import BoxPolicy
 
@@ -123,15 +124,10 @@ def read_img_db(path: str, soft_labels: bool = True) -> Iterator[dict]:
   env.close()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    k = k.decode() if isinstance(k, bytes) else str(k)
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + k + "."))
-    else:
-      out[prefix + k] = v.tolist() if isinstance(v, np.ndarray) else v
-  return out
+def _flatten(d: dict) -> dict:
+  """Nested metadata -> dotted keys with JSON-ready values."""
+  return {k: v.tolist() if isinstance(v, np.ndarray) else v
+          for k, v in pytree.flatten(d, sep=".").items()}
 
 
 def _field_type(v) -> str | None:

@@ -57,7 +57,7 @@ def main() -> None:
            "pretrained (default)": ("pretrain", pretrain(os.path.join(w, "pretrain"), []))}
   if a.uniform_masking:
     inits["pretrained (uniform MLM masking)"] = ("pretrain_uniform", pretrain(
-        os.path.join(w, "pretrain_uniform"), ["--config.mlm_focus_words="]))
+        os.path.join(w, "pretrain_uniform"), ["--config.pretrain.mlm_focus_words="]))
   vqa_cfg = "configs/vqa.py" + (f":default,steps={a.vqa_steps}" if a.vqa_steps else "")
   rows = {}
   for name, (tag, init) in inits.items():

@@ -4,9 +4,10 @@ import numpy as np
 from flax import nnx
 
 from helpers import tiny_config
-from uniter_jax import flops, optim, sharding, train_step
+from uniter_jax import flops, optim, sharding
 from uniter_jax.masking import MaskingConfig
 from uniter_jax.models import UniterForPretraining
+from uniter_jax.tasks import pretrain
 
 
 def _flops(num_layers: int) -> float:
@@ -14,9 +15,12 @@ def _flops(num_layers: int) -> float:
   _, params, _ = nnx.split(nnx.eval_shape(lambda: UniterForPretraining(cfg, rngs=nnx.Rngs(0))),
                            nnx.Param, ...)
   tx, _ = optim.make_optimizer(params, lr=1e-3, warmup_steps=1, total_steps=10)
-  scfg = train_step.StepConfig(tasks=("mrfr",), ratios=(1.0,), masking=MaskingConfig(),
-                               rules=sharding.DATA_PARALLEL_RULES)
-  return flops.train_step_flops(cfg, tx, scfg, flops.abstract_batch(cfg, 4, 16, 8))["mrfr"]
+  objective = pretrain.objective(pretrain.PretrainSettings(mix=(("mrfr", 1.0),),
+                                                          masking=MaskingConfig()))
+  flat = flops.unscanned(cfg)
+  return flops.branch_flops(lambda: UniterForPretraining(flat, rngs=nnx.Rngs(0)), tx, objective,
+                            flops.abstract_batch(cfg, 4, 16, 8),
+                            sharding.DATA_PARALLEL_RULES)["mrfr"]
 
 
 def test_every_layer_is_counted_once():

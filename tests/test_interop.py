@@ -366,9 +366,10 @@ def test_convert_cli_round_trip(tmp_path, state_dict, capsys):
   args = ["--from-official", str(src), "--model-config", str(CONFIG), "--out", str(out)]
   assert convert.main(args) == 0
   assert "uniter.encoder" in capsys.readouterr().out
-  cfg = json.loads((tmp_path / "model_config.json").read_text())
-  assert UniterConfig.from_dict(cfg) == UniterConfig.from_official_json(CONFIG, img_dim=32,
-                                                                        img_label_dim=11)
+  rec = json.loads((tmp_path / "model_config.json").read_text())
+  assert rec["model_class"] == "UniterForPretraining"
+  assert UniterConfig.from_dict(rec["config"]) == UniterConfig.from_official_json(
+      CONFIG, img_dim=32, img_label_dim=11)
   before = out.read_bytes()
   assert convert.main(args) == 1  # never overwrites silently
   assert "exists" in capsys.readouterr().err

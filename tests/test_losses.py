@@ -7,7 +7,7 @@ from flax import nnx
 
 from helpers import random_batch, tiny_config, to_jnp
 from uniter_jax.losses import ot_distance, pretrain_loss
-from uniter_jax.masking import MaskingConfig, apply_task
+from uniter_jax.masking import MaskingConfig, apply_objective
 from uniter_jax.models import UniterForPretraining
 
 MCFG = MaskingConfig(mask_id=3, special_ids=(0, 1, 2, 3), random_range=(4, 100),
@@ -29,7 +29,7 @@ def _log_softmax(x):
 
 
 def _task_batch(raw, task):
-  return apply_task(jax.random.key(3), raw, task, MCFG)
+  return apply_objective(jax.random.key(3), raw, task, MCFG)
 
 
 def test_mlm_loss_matches_numpy(setup):
@@ -94,7 +94,7 @@ def test_losses_are_float32_under_bfloat16_compute():
     assert loss.dtype == np.float32 and np.isfinite(loss), task
 
 
-def test_unknown_task_is_a_clear_error(setup):
+def test_unknown_objective_is_a_clear_error(setup):
   model, raw = setup
-  with pytest.raises(ValueError, match="unknown pretraining task"):
+  with pytest.raises(ValueError, match="unknown pretraining objective"):
     pretrain_loss(model, raw, "nsp")

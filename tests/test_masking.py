@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniter_jax.masking import (MaskingConfig, apply_task, mask_focus_words, mask_regions,
+from uniter_jax.masking import (MaskingConfig, apply_objective, mask_focus_words, mask_regions,
                                 mask_text, with_other_images)
 
 CFG = MaskingConfig()  # official bert-base-cased ids
@@ -87,7 +87,7 @@ def test_mrm_rate_forced_region_and_targets():
   batch = dict(input_ids=jnp.zeros((B, 4), jnp.int32), txt_mask=jnp.ones((B, 4), bool),
                img_feat=feat, img_pos=jnp.zeros((B, LI, 7)), img_mask=img_mask,
                img_soft_labels=soft)
-  out = apply_task(jax.random.key(3), batch, "mrckl", CFG)
+  out = apply_objective(jax.random.key(3), batch, "mrckl", CFG)
   m = np.asarray(out["img_masked"])
   np.testing.assert_array_equal(np.asarray(out["img_feat"])[m], 0)
   np.testing.assert_array_equal(np.asarray(out["feat_targets"])[m], np.asarray(feat)[m])
@@ -100,10 +100,10 @@ def test_one_modality_per_task():
   ids, mask = _text(2)
   batch = dict(input_ids=ids, txt_mask=mask, img_feat=jnp.ones((B, LI, 4)),
                img_pos=jnp.zeros((B, LI, 7)), img_mask=jnp.ones((B, LI), bool))
-  mlm = apply_task(jax.random.key(0), batch, "mlm", CFG)
+  mlm = apply_objective(jax.random.key(0), batch, "mlm", CFG)
   np.testing.assert_array_equal(mlm["img_feat"], batch["img_feat"])
   assert "img_masked" not in mlm
-  mrm = apply_task(jax.random.key(0), batch, "mrfr", CFG)
+  mrm = apply_objective(jax.random.key(0), batch, "mrfr", CFG)
   np.testing.assert_array_equal(mrm["input_ids"], ids)
 
 
@@ -115,8 +115,7 @@ def test_itm_negatives_never_own_image_and_same_image_is_positive():
   batch = dict(input_ids=jnp.zeros((n, 3), jnp.int32), txt_mask=jnp.ones((n, 3), bool),
                img_feat=feat, img_pos=jnp.zeros((n, 2, 7)), img_mask=jnp.ones((n, 2), bool),
                img_ids=img_ids)
-  cfg = MaskingConfig(itm_group_size=64)
-  out = apply_task(jax.random.key(5), batch, "itm", cfg)
+  out = apply_objective(jax.random.key(5), batch, "itm", MaskingConfig(), itm_group_size=64)
   src = np.asarray(out["img_feat"])[:, 0, 0].astype(int)
   swapped = src != np.arange(n)
   assert abs(swapped.mean() - 0.5) < 0.06
@@ -128,16 +127,13 @@ def test_itm_negatives_never_own_image_and_same_image_is_positive():
 
 
 def test_focus_words_resolve_through_the_vocab_and_unknown_words_are_named():
-  import ml_collections  # pylint: disable=import-outside-toplevel
   import pytest  # pylint: disable=import-outside-toplevel
   from uniter_jax.tasks.pretrain import focus_ids  # pylint: disable=import-outside-toplevel
   vocab = {"[PAD]": 0, "red": 7, "circle": 9}
-  cfg = ml_collections.ConfigDict({"mlm_focus_words": "circle, red"})
-  assert focus_ids(cfg, vocab, "v.txt") == (7, 9)
-  assert focus_ids(ml_collections.ConfigDict({"mlm_focus_words": ""}), vocab, "v.txt") == ()
-  cfg.mlm_focus_words = "red,teal"
-  with pytest.raises(ValueError, match=r"mlm_focus_words.*teal.*v\.txt"):
-    focus_ids(cfg, vocab, "v.txt")
+  assert focus_ids("circle, red", vocab, "v.txt") == (7, 9)
+  assert focus_ids("", vocab, "v.txt") == ()
+  with pytest.raises(ValueError, match=r"pretrain.mlm_focus_words.*teal.*v\.txt"):
+    focus_ids("red,teal", vocab, "v.txt")
 
 
 def test_focus_probe_masks_every_focus_word_and_swaps_images_half_a_batch_away():

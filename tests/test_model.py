@@ -8,7 +8,7 @@ from flax import nnx
 
 from helpers import random_batch, tiny_config, to_jnp
 from uniter_jax.losses import pretrain_loss
-from uniter_jax.masking import MaskingConfig, apply_task
+from uniter_jax.masking import MaskingConfig, apply_objective
 from uniter_jax.models import UniterConfig, UniterForPretraining
 
 
@@ -99,7 +99,7 @@ def test_tied_weights_are_one_parameter_reached_by_both_uses():
   assert n_unique == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
 
   def grads(task):
-    b = apply_task(jax.random.key(1), batch, task, mcfg)
+    b = apply_objective(jax.random.key(1), batch, task, mcfg)
     return nnx.grad(lambda m: pretrain_loss(m, b, task)["loss"])(model)
 
   g = grads("mlm")
@@ -112,7 +112,7 @@ def test_tied_weights_are_one_parameter_reached_by_both_uses():
   # MRFR gradient reaches img_linear through the tied output as well as the input path:
   # it differs from the gradient with the tie cut (regress through a frozen copy).
   frozen = jax.lax.stop_gradient(model.uniter.img_embeddings.img_linear.kernel[...])
-  b = apply_task(jax.random.key(1), batch, "mrfr", mcfg)
+  b = apply_objective(jax.random.key(1), batch, "mrfr", mcfg)
 
   def cut(m):
     out = m.encode(b)

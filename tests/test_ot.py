@@ -29,7 +29,7 @@ def _dist_grad(x, y, txt_mask, img_mask, solver):
   return jax.grad(total, argnums=(0, 1))(x, y)
 
 
-# --- independent NumPy transcription of the official code (model/ot.py, spec 3.7) ----------
+# --- independent NumPy transcription of the official code (model/ot.py, docs/ot.md) ---------
 
 
 def np_official_cost(txt, img, txt_pad, img_pad):
@@ -198,7 +198,7 @@ def test_official_fixture():
   np.testing.assert_allclose(loss, out["itm.ot_loss"], rtol=1e-5)
   np.testing.assert_allclose(aux["ot_pos"], out["itm.ot_pos_dist"].mean(), rtol=1e-5)
   np.testing.assert_allclose(aux["ot_neg"], out["itm.ot_neg_dist"].mean(), rtol=1e-5)
-  # IPOT-50's region marginal is only approximate (ot_notes: ~5e-3 L1 on random data).
+  # IPOT-50's region marginal is only approximate (~5e-3 L1 on random data; docs/ot.md).
   assert np.all(np.asarray(ot.plan_marginal_error(plan, tm, im)) < 1e-2)
 
   # The default Sinkhorn stays within the documented tolerance of the official numbers.
@@ -337,7 +337,7 @@ def test_argument_validation():
   txt, img, tm, im = _make_batch(rng)
   with pytest.raises(ValueError, match="solver"):
     ot.ot_distance(txt, img, tm, im, solver="emd")
-  # Pitfall 4: init * decay**(n-1) = 50 * 0.95**49 > 1 would return an all-zero plan.
+  # docs/ot.md pitfall 4: init * decay**(n-1) = 50 * 0.95**49 > 1 would return an all-zero plan.
   with pytest.raises(ValueError, match="target epsilon"):
     ot.ot_distance(txt, img, tm, im, num_iters=50, eps_anneal=(50.0, 0.95))
   with pytest.raises(ValueError, match="num_iters"):

@@ -13,28 +13,35 @@ from jax.sharding import PartitionSpec as P
 from helpers import random_batch, tiny_config, to_jnp
 from uniter_jax import sharding, train
 from uniter_jax import train_step as step_lib
-from uniter_jax.masking import MaskingConfig, apply_task
+from uniter_jax.masking import MaskingConfig, apply_objective
 from uniter_jax.losses import pretrain_loss
+from uniter_jax.models import UniterForPretraining
+from uniter_jax.tasks import pretrain
 
-TASKS = ("mlm", "mrfr", "mrckl", "itm")
+OBJECTIVES = ("mlm", "mrfr", "mrckl", "itm")
 MCFG = MaskingConfig(mask_id=3, special_ids=(0, 1, 2, 3), random_range=(4, 100))
 RULES = sharding.FSDP_RULES
 
 
-def _setup(mesh, ratios, lr=1e-3, clip=5.0, ot_solver="ipot", tasks=TASKS):
+def _settings(names, ratios, ot_solver="ipot", masking=MCFG):
+  return pretrain.PretrainSettings(mix=tuple(zip(names, ratios)), masking=masking,
+                                   ot_options=(("solver", ot_solver),))
+
+
+def _setup(mesh, ratios, lr=1e-3, clip=5.0, ot_solver="ipot", names=OBJECTIVES):
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
-  model_fn = lambda: train.UniterForPretraining(cfg, rngs=nnx.Rngs(0))
+  model_fn = lambda: UniterForPretraining(cfg, rngs=nnx.Rngs(0))
   graphdef, abs_params, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   from uniter_jax import optim
   tx, schedule = optim.make_optimizer(abs_params, lr=lr, warmup_steps=1, total_steps=1000,
                                       grad_clip=clip)
-  init_fn = train.init_state_fn(model_fn, tx, 0)
+  init_fn = step_lib.init_state_fn(model_fn, tx, 0)
   shardings = train.state_shardings(jax.eval_shape(init_fn), mesh, RULES)
   state = train.create_state(init_fn, shardings, mesh, RULES)
-  scfg = step_lib.StepConfig(tasks=tasks, ratios=ratios, masking=MCFG,
-                             ot_options=(("solver", ot_solver),), rules=RULES)
-  step = step_lib.make_train_step(graphdef, tx, scfg, schedule)
-  return cfg, graphdef, tx, state, shardings, scfg, step
+  s = _settings(names, ratios, ot_solver)
+  step = step_lib.make_train_step(graphdef, tx, pretrain.objective(s), rules=RULES,
+                                  schedule=schedule)
+  return cfg, graphdef, tx, state, shardings, s, step
 
 
 def _batch(mesh, seed=0, b=8, micro=False):
@@ -44,7 +51,7 @@ def _batch(mesh, seed=0, b=8, micro=False):
 
 
 def test_sharded_params_one_compile_and_finite_loss(mesh):
-  *_, state, shardings, scfg, step = _setup(mesh, (1.0, 1.0, 1.0, 1.0))
+  *_, state, shardings, _, step = _setup(mesh, (1.0, 1.0, 1.0, 1.0))
   golden = {
       ("uniter", "embeddings", "word_embeddings", "embedding"): P(None, "fsdp"),
       ("uniter", "encoder", "layer", "intermediate", "dense", "kernel"): P(None, "fsdp", None),
@@ -73,31 +80,31 @@ def test_sharded_params_one_compile_and_finite_loss(mesh):
   assert int(state["step"]) == 3
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_loss_goes_down_on_a_repeated_batch(task):
-  # One device and one task per program keeps the compile small; the multi-task switch on
-  # the 8-device mesh is exercised above.
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_loss_goes_down_on_a_repeated_batch(objective):
+  # One device and one objective per program keeps the compile small; the multi-branch
+  # switch on the 8-device mesh is exercised above.
   one = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-  cfg, graphdef, tx, state, shardings, scfg, step = _setup(one, (1.0,), lr=3e-3,
-                                                            tasks=(task,))
-  if task == "itm":
+  cfg, graphdef, tx, state, shardings, s, step = _setup(one, (1.0,), lr=3e-3,
+                                                         names=(objective,))
+  if objective == "itm":
     # Negatives are redrawn every step, and random pairs have no alignment to learn in 15
     # steps; with every pair a negative the ITM branch has a fittable target.
-    scfg = dataclasses.replace(scfg, masking=dataclasses.replace(MCFG, itm_neg_prob=1.0))
-    step = step_lib.make_train_step(graphdef, tx, scfg)
+    s = dataclasses.replace(s, masking=dataclasses.replace(MCFG, itm_neg_prob=1.0))
+    step = step_lib.make_train_step(graphdef, tx, pretrain.objective(s), rules=RULES)
   batch = _batch(one, seed=1)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.UniterForPretraining(
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: UniterForPretraining(
       tiny_config(), rngs=nnx.Rngs(0))))
-  evaluate = jax.jit(step_lib.make_eval_step(graphdef, scfg))
+  evaluate = jax.jit(pretrain.make_eval_step(graphdef, s, RULES))
   fn = jax.jit(step, out_shardings=(shardings, None), donate_argnums=(0,))
   # Training redraws masks every step; the loss is measured with one fixed draw.
   with jax.set_mesh(one):
     before = float(evaluate(state["params"], state["rest"], batch, jax.random.PRNGKey(5))[
-        f"{task}/loss"])
+        f"{objective}/loss"])
     for _ in range(15):
       state, m = fn(state, batch)
     after = float(evaluate(state["params"], state["rest"], batch, jax.random.PRNGKey(5))[
-        f"{task}/loss"])
+        f"{objective}/loss"])
   assert after < 0.95 * before, (before, after)
 
 
@@ -105,8 +112,8 @@ def test_accumulation_sums_microbatch_gradients_then_clips(mesh):
   k = 3
   one = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   mesh = one
-  cfg, graphdef, tx, state, shardings, scfg, step = _setup(one, (1.0,), clip=0.05,
-                                                            tasks=("mlm",))
+  cfg, graphdef, tx, state, shardings, _, step = _setup(one, (1.0,), clip=0.05,
+                                                         names=("mlm",))
   micro = [step_lib.model_fields(to_jnp(random_batch(10 + i, b=8, cfg=cfg))) for i in range(k)]
   stacked = train.stack_microbatches(micro)
   params0 = jax.tree.map(np.asarray, state["params"])
@@ -120,7 +127,7 @@ def test_accumulation_sums_microbatch_gradients_then_clips(mesh):
   total = None
   for i, b in enumerate(micro):
     k_mask, k_drop = jax.random.split(jax.random.fold_in(k_micro, i))
-    tb = apply_task(k_mask, b, "mlm", MCFG)
+    tb = apply_objective(k_mask, b, "mlm", MCFG)
 
     def loss(p):
       mdl = nnx.merge(graphdef, p, nnx.State({}))
@@ -134,3 +141,31 @@ def test_accumulation_sums_microbatch_gradients_then_clips(mesh):
   assert float(optax.global_norm(total)) > 0.05  # the clip really acts
   for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [64, 48])
+def test_itm_groups_follow_the_mesh_inside_the_step(mesh, rows):
+  # No group size is configured: the step reads it off the batch and the mesh (8 shards), so
+  # a token-budget batch of any multiple of 8 rows swaps images only within a device's rows.
+  n = rows
+  batch = dict(input_ids=jnp.zeros((n, 3), jnp.int32), txt_mask=jnp.ones((n, 3), bool),
+               img_feat=jnp.asarray(np.arange(n, dtype=np.float32)[:, None, None]
+                                    * np.ones((1, 2, 3), np.float32)),
+               img_pos=jnp.zeros((n, 2, 7)), img_mask=jnp.ones((n, 2), bool),
+               img_ids=jnp.arange(n, dtype=jnp.int32))
+  batch = jax.device_put(batch, train.batch_shardings(batch, mesh, RULES, False))
+  cfg = dataclasses.replace(MCFG, itm_neg_prob=1.0)
+
+  def negatives(b, key):
+    with sharding.use_rules(RULES):
+      return apply_objective(key, b, "itm", cfg)["img_feat"][:, 0, 0]
+
+  with jax.set_mesh(mesh):
+    src = np.asarray(jax.jit(negatives)(batch, jax.random.key(2))).astype(int)
+  group = n // 8
+  assert (src != np.arange(n)).all()
+  assert (src // group == np.arange(n) // group).all()
+  # Outside a mesh the whole batch is one group: some swaps cross the 8 device slices.
+  whole = np.asarray(apply_objective(jax.random.key(2), jax.device_get(batch), "itm", cfg)
+                     ["img_feat"][:, 0, 0]).astype(int)
+  assert (whole // group != np.arange(n) // group).any()

@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from configs import pretrain
-from uniter_jax import checkpointing, sharding, train
+from uniter_jax import checkpointing, pytree, sharding, train
+from uniter_jax import train_step as step_lib
+from uniter_jax.models import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,10 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(world, **overrides):
   c = pretrain.get_config("tiny")
   c.data.synthetic = world
-  c.tasks = {"mlm": 1.0, "itm": 1.0}
-  c.ot_solver = "ipot"
+  c.pretrain.mix = {"mlm": 1.0, "itm": 1.0}
+  c.pretrain.ot.solver = "ipot"
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 1, 3
-  c.eval_every_steps = 0
+  c.evals.heldout.every_steps = 0
   c.mesh = {"data": 4, "fsdp": 2}
   for k, v in overrides.items():
     c[k] = v
@@ -40,9 +42,9 @@ def _final_params(workdir, config):
   raw = mngr.restore(step, args=checkpointing.ocp.args.Composite(
       state=checkpointing.ocp.args.StandardRestore()))["state"]
   mngr.close()
-  flat = checkpointing._flatten(raw["params"])  # pylint: disable=protected-access
+  flat = pytree.flatten(raw["params"])
   # Variables are saved as {"value": array}: drop that last key.
-  return step, {k[:-1] if k[-1] == "value" else k: v for k, v in flat}
+  return step, {k[:-1] if k[-1] == "value" else k: v for k, v in flat.items()}
 
 
 def test_kill_resume_export_and_reshard(tiny_world, tmp_path):
@@ -68,7 +70,7 @@ def test_kill_resume_export_and_reshard(tiny_world, tmp_path):
   train.train_and_evaluate(_config(tiny_world), straight, mode="export")
   model = checkpointing.load_msgpack(os.path.join(straight, "export", "params.msgpack"))
   exported = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  flat_e = dict(checkpointing._flatten(exported))  # pylint: disable=protected-access
+  flat_e = pytree.flatten(exported)
   flat_c = pa
   assert set(flat_e) == set(flat_c)
   for k in flat_e:
@@ -81,10 +83,10 @@ def test_kill_resume_export_and_reshard(tiny_world, tmp_path):
   cfg = _config(tiny_world, mesh={"data": 1, "fsdp": 1})
   spec = train.resolve_data(cfg)
   model_cfg = train.model_config_from(cfg, train.data_sizes(spec))
-  model_fn = train.make_model_fn(model_cfg, cfg.seed)
+  model_fn = lambda: registry.build("UniterForPretraining", model_cfg, seed=cfg.seed)
   _, abs_params, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   tx, _ = train.make_optimizer(cfg, abs_params)
-  abstract = jax.eval_shape(train.init_state_fn(model_fn, tx, cfg.seed))
+  abstract = jax.eval_shape(step_lib.init_state_fn(model_fn, tx, cfg.seed))
   shard = train.state_shardings(abstract, one, sharding.FSDP_RULES)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shard)
@@ -101,8 +103,8 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "main.py", "--config=configs/pretrain.py", f"--workdir={workdir}",
          f"--config.data.synthetic={tiny_world}", "--config.total_steps=4",
-         "--config.log_every_steps=2", "--config.eval_every_steps=4",
-         "--config.checkpoint_every_steps=4", "--config.eval_batches=1",
+         "--config.log_every_steps=2", "--config.evals.heldout.every_steps=4",
+         "--config.checkpoint_every_steps=4", "--config.evals.heldout.batches=1",
          "--config.data.batch_size=16"]
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -127,8 +129,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
   workdir = str(tmp_path / "preempted")
   cmd = [sys.executable, "main.py", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
          f"--config.data.synthetic={tiny_world}", "--config.total_steps=100000",
-         "--config.log_every_steps=1", "--config.eval_every_steps=0",
-         "--config.checkpoint_every_steps=100000", "--config.tasks={'mlm': 1.0}"]
+         "--config.log_every_steps=1", "--config.evals.heldout.every_steps=0",
+         "--config.checkpoint_every_steps=100000", "--config.pretrain.mix={'mlm': 1.0}"]
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -144,12 +146,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
   assert len(steps) == 1 and 1 <= steps[0] < 100000
 
 
-def test_non_finite_loss_stops_with_step_and_task(tiny_world, tmp_path):
+def test_non_finite_loss_stops_with_step_and_objective(tiny_world, tmp_path):
   workdir = str(tmp_path / "nan")
   cfg = _config(tiny_world, checkpoint_every_steps=1)
   cfg.optimizer.lr = 1e30  # the first update blows the parameters up
   cfg.optimizer.warmup_steps = 1
-  with pytest.raises(train.NonFiniteLoss, match=r"at step (\d+) \(task (mlm|itm)\)") as err:
+  with pytest.raises(train.NonFiniteLoss, match=r"at step (\d+) \(objective (mlm|itm)\)") as err:
     train.train_and_evaluate(cfg, workdir)
   bad_step = int(__import__("re").search(r"at step (\d+)", str(err.value)).group(1))
   mngr = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)

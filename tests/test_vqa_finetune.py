@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import vqa as vqa_config
-from uniter_jax import checkpointing, train
+from uniter_jax import checkpointing, pytree, train
 from uniter_jax.data import format as fmt
 
 
@@ -79,9 +79,10 @@ def test_init_from_pretraining_export_and_orbax(run, tiny_world, tmp_path):
   got = checkpointing.read_msgpack(str(tmp_path / "a" / "export" / "params.msgpack"))
   want = checkpointing.read_msgpack(path)
   assert set(got) == {"uniter", "vqa_output"}  # pretraining heads dropped, VQA head fresh
-  for (k, a), (_, b) in zip(checkpointing._flatten(got["uniter"]),  # pylint: disable=protected-access
-                            checkpointing._flatten(want["uniter"])):  # pylint: disable=protected-access
-    np.testing.assert_array_equal(a, b, err_msg=str(k))
+  want = pytree.flatten(want["uniter"])
+  assert set(pytree.flatten(got["uniter"])) == set(want)
+  for k, a in pytree.flatten(got["uniter"]).items():
+    np.testing.assert_array_equal(a, want[k], err_msg=str(k))
   # An orbax workdir (the fine-tuned run) as init_from: every parameter, head included.
   workdir, _ = run
   train.train_and_evaluate(_config(tiny_world, init_from=workdir), str(tmp_path / "b"),
@@ -89,8 +90,10 @@ def test_init_from_pretraining_export_and_orbax(run, tiny_world, tmp_path):
   b = checkpointing.read_msgpack(str(tmp_path / "b" / "export" / "params.msgpack"))
   train.train_and_evaluate(_config(tiny_world), workdir, mode="export")
   final = checkpointing.read_msgpack(os.path.join(workdir, "export", "params.msgpack"))
-  for (k, x), (_, y) in zip(checkpointing._flatten(b), checkpointing._flatten(final)):  # pylint: disable=protected-access
-    np.testing.assert_array_equal(x, y, err_msg=str(k))
+  final = pytree.flatten(final)
+  assert set(pytree.flatten(b)) == set(final)
+  for k, x in pytree.flatten(b).items():
+    np.testing.assert_array_equal(x, final[k], err_msg=str(k))
 
 
 def test_missing_image_is_counted_in_eval_and_an_error_in_predict(run, tiny_world, tmp_path):

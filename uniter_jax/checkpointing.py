@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -12,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, serialization
 
-from uniter_jax.models import UniterConfig
+from uniter_jax import files, pytree
+from uniter_jax.models import registry
 
 
 def make_manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True
@@ -69,31 +69,30 @@ def restore_params_from_orbax(directory: str, abstract_params: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 # msgpack export
 
+MODEL_RECORD = "model_config.json"  # {"model_class", "model_kwargs", "config"}
+PARAMS = "params.msgpack"
 
-def _atomic_write(path: str, data: bytes, overwrite: bool) -> None:
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True)")
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+
+def write_model_record(path: str, rec: dict, *, overwrite: bool) -> None:
+  files.write_bytes(path, json.dumps(rec, indent=2).encode(), overwrite=overwrite)
+
+
+def read_model_record(path: str) -> dict:
+  """A model_config.json written by an export or a training run."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: an export folder or workdir holds the "
+                            "model_config.json that names the model class and its config")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def export_msgpack(model: nnx.Module, directory: str, *, overwrite: bool = False) -> str:
   """Writes DIR/params.msgpack (pure dict of parameters) and DIR/model_config.json."""
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  path = os.path.join(directory, "params.msgpack")
-  _atomic_write(path, serialization.msgpack_serialize(params), overwrite)
-  config = {"model_class": type(model).__name__, "config": model.config.to_dict()}
-  _atomic_write(os.path.join(directory, "model_config.json"),
-                json.dumps(config, indent=2).encode(), overwrite)
+  path = os.path.join(directory, PARAMS)
+  files.write_bytes(path, serialization.msgpack_serialize(params), overwrite=overwrite)
+  write_model_record(os.path.join(directory, MODEL_RECORD), registry.record(model),
+                     overwrite=overwrite)
   return path
 
 
@@ -111,9 +110,8 @@ def load_params_into(model: nnx.Module, pure: dict, *, strict: bool = True,
   when strict=False, and parameters the file lacks keep their init.
   """
   state = nnx.state(model, nnx.Param)
-  ours = nnx.to_pure_dict(state)
-  flat_ours = dict(_flatten(ours))
-  flat_in = dict(_flatten(pure))
+  flat_ours = pytree.flatten(nnx.to_pure_dict(state))
+  flat_in = pytree.flatten(pure)
   missing = sorted(set(flat_ours) - set(flat_in))
   extra = sorted(set(flat_in) - set(flat_ours))
   if strict and (missing or extra):
@@ -124,41 +122,18 @@ def load_params_into(model: nnx.Module, pure: dict, *, strict: bool = True,
       raise ValueError(f"{where}: parameter {'/'.join(k)} has shape {np.shape(flat_in[k])} "
                        f"in the file but {np.shape(flat_ours[k])} in the model")
   merged = {k: flat_in.get(k, v) for k, v in flat_ours.items()}
-  nnx.replace_by_pure_dict(state, _unflatten(merged))
+  nnx.replace_by_pure_dict(state, pytree.unflatten(merged))
   nnx.update(model, state)
   return ["/".join(k) for k in missing]
 
 
 def load_msgpack(path: str, model: nnx.Module | None = None, *, strict: bool = True
                  ) -> nnx.Module:
-  """Loads DIR/params.msgpack into `model`, or into a model rebuilt from model_config.json."""
+  """Loads a params.msgpack into `model`, or into the model its model_config.json names."""
   if model is None:
-    from uniter_jax.models import UniterForPretraining  # pylint: disable=import-outside-toplevel
-    cfg_path = os.path.join(os.path.dirname(path), "model_config.json")
-    if not os.path.exists(cfg_path):
-      raise FileNotFoundError(f"{cfg_path} is missing: pass a model, or keep model_config.json "
-                              "next to params.msgpack")
-    with open(cfg_path) as f:
-      meta = json.load(f)
-    model = UniterForPretraining(UniterConfig.from_dict(meta["config"]), rngs=nnx.Rngs(0))
+    rec_path = os.path.join(os.path.dirname(path), MODEL_RECORD)
+    # Shapes only when every parameter comes from the file (no random init to pay for).
+    model = registry.build_from_record(read_model_record(rec_path), abstract=strict,
+                                       where=rec_path)
   load_params_into(model, read_msgpack(path), strict=strict, where=path)
   return model
-
-
-def _flatten(tree: Any, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
-  if isinstance(tree, dict):
-    out = []
-    for k, v in tree.items():
-      out += _flatten(v, prefix + (str(k),))
-    return out
-  return [(prefix, tree)]
-
-
-def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out

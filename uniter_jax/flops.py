@@ -1,22 +1,28 @@
-"""FLOPs of one pretraining step, counted by XLA on an unrolled (unscanned) copy of the model.
+"""FLOPs of one update per objective branch, counted by XLA on an unscanned copy of the model.
 
 XLA's cost analysis counts a loop body once, so a model whose layers run under `nnx.scan`
 would report about 1/num_layers of its encoder FLOPs. Lowering a copy with
 `scan_layers=False` (tracing only: nothing is compiled or materialised) gives the true count.
+Each branch is lowered on its own: a `lax.switch` counts as its costliest branch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from uniter_jax import train_step
-from uniter_jax.models import UniterConfig, UniterForPretraining
+from uniter_jax import metrics, sharding, train_step
+from uniter_jax.models import UniterConfig
+
+
+def unscanned(cfg: UniterConfig) -> UniterConfig:
+  """The same model with its layers unrolled (for counting FLOPs only)."""
+  return dataclasses.replace(cfg, scan_layers=False, remat_policy=None)
 
 
 def abstract_batch(cfg: UniterConfig, batch: int, txt_len: int, regions: int,
@@ -32,32 +38,22 @@ def abstract_batch(cfg: UniterConfig, batch: int, txt_len: int, regions: int,
   }
 
 
-def train_step_flops(cfg: UniterConfig, tx: optax.GradientTransformation,
-                     step_cfg: train_step.StepConfig, batch: Mapping[str, jax.ShapeDtypeStruct]
-                     ) -> dict[str, float]:
-  """FLOPs of one update for each task of `step_cfg` (one task runs per update)."""
-  flat = dataclasses.replace(cfg, scan_layers=False, remat_policy=None)
-  model_fn = lambda: UniterForPretraining(flat, rngs=nnx.Rngs(0))
-  graphdef, _, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
-
-  def init():
-    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
-    return {"params": params, "rest": rest, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
-
-  state = jax.eval_shape(init)
+def branch_flops(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                 objective: train_step.Objective, batch: Mapping[str, jax.ShapeDtypeStruct],
+                 rules: sharding.Rules = sharding.FSDP_RULES) -> dict[str, float]:
+  """FLOPs of one update for each branch of `objective` (build model_fn on `unscanned`)."""
   out = {}
-  for task in step_cfg.tasks:
-    one = dataclasses.replace(step_cfg, tasks=(task,), ratios=(1.0,))
-    cost = jax.jit(train_step.make_train_step(graphdef, tx, one)).lower(state, batch)
-    cost = cost.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else None
-    out[task] = float(cost["flops"]) if cost and "flops" in cost else float("nan")
+  with sharding.use_rules(rules):  # logical names resolve under an active mesh too
+    graphdef = nnx.graphdef(nnx.eval_shape(model_fn))
+    state = jax.eval_shape(train_step.init_state_fn(model_fn, tx))
+    for i, name in enumerate(objective.names):
+      step = train_step.make_train_step(graphdef, tx, objective.single(i), rules=rules)
+      flops = metrics.compiled_flops(jax.jit(step).lower(state, batch))
+      out[name] = float("nan") if flops is None else flops
   return out
 
 
-def mean_step_flops(per_task: Mapping[str, float], ratios: Mapping[str, float]) -> float:
-  """Expected FLOPs per update under the task mix."""
+def mean_step_flops(per_branch: Mapping[str, float], ratios: Mapping[str, float]) -> float:
+  """Expected FLOPs per update under the mix."""
   total = sum(ratios.values())
-  return sum(per_task[t] * r / total for t, r in ratios.items())
+  return sum(per_branch[t] * r / total for t, r in ratios.items())

@@ -1,9 +1,10 @@
 """Conditional masking and ITM negatives as pure JAX functions of a PRNG key.
 
 They run inside the jitted train step, so the input pipeline stays task-agnostic and a
-resumed run (same step -> same key) replays exactly the same masks. One task masks one
-modality only: MLM masks text with every region visible, MRM masks regions with all text
-visible, ITM masks nothing (uniter_spec.md 3.1-3.6).
+resumed run (same step -> same key) replays exactly the same masks. Each pretraining
+objective masks one modality only: MLM masks text with every region visible, MRM masks
+regions with all text visible, ITM masks nothing (docs/official.md, *Pretraining objectives
+and masking*).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from uniter_jax import sharding
 
 Batch = Mapping[str, jax.Array]
 # Fields that belong to the image side and travel together when ITM swaps images.
@@ -29,9 +32,6 @@ class MaskingConfig:
   mlm_prob: float = 0.15
   mrm_prob: float = 0.15
   itm_neg_prob: float = 0.5
-  # ITM negatives are drawn within groups of this many consecutive examples (set to the
-  # per-device batch so the image swap needs no cross-device traffic); None = whole batch.
-  itm_group_size: int | None = None
   # Not in UNITER: ids masked with `focus_prob` instead of mlm_prob (ERNIE-ViL-style masking
   # of attribute/object words). Empty = the official masking.
   focus_ids: tuple[int, ...] = ()
@@ -97,11 +97,19 @@ def sample_itm_negatives(key: jax.Array, batch: Batch, prob: float = 0.5,
   The text is never replaced (official). The other example is drawn uniformly among the
   rest of the group, so an example never gets its own image back; when the drawn image
   has the same `img_ids` as its own, the pair is still a match (target 1).
+
+  Groups are `group_size` consecutive rows. None means one group per device: the batch
+  divided by the number of pieces the active mesh and rules split it into (the whole batch
+  outside a mesh), so the image swap needs no cross-device traffic whatever the batch size
+  (a fixed batch or a token budget).
   """
   b = batch["input_ids"].shape[0]
-  g = b if group_size is None else group_size
+  if group_size is None:
+    shards = sharding.batch_shards()
+    group_size = b // shards if b % shards == 0 else b
+  g = group_size
   if b % g:
-    raise ValueError(f"batch size {b} is not a multiple of itm_group_size {g}")
+    raise ValueError(f"batch size {b} is not a multiple of the ITM group size {g}")
   k_neg, k_off = jax.random.split(key)
   idx = jnp.arange(b)
   start, local = idx - idx % g, idx % g
@@ -149,19 +157,24 @@ def with_other_images(batch: Batch) -> dict:
   return out
 
 
-def apply_task(key: jax.Array, batch: Batch, task: str, cfg: MaskingConfig) -> dict:
-  """Adds `task`'s inputs and targets to a raw image-text batch (one modality only)."""
-  if task == "mlm":
+def apply_objective(key: jax.Array, batch: Batch, objective: str, cfg: MaskingConfig,
+                    itm_group_size: int | None = None) -> dict:
+  """Adds a pretraining objective's inputs and targets to a raw image-text batch.
+
+  `objective` is one of mlm, mrfr, mrc, mrckl, itm; one modality is masked at most. ITM
+  negatives are drawn within groups of `itm_group_size` rows (None: one group per device).
+  """
+  if objective == "mlm":
     ids, labels = mask_text(key, batch["input_ids"], batch["txt_mask"], mask_id=cfg.mask_id,
                             special_ids=cfg.special_ids, random_range=cfg.random_range,
                             prob=cfg.mlm_prob, focus_ids=cfg.focus_ids,
                             focus_prob=cfg.focus_prob)
     return {**batch, "input_ids": ids, "txt_labels": labels}
-  if task in ("mrfr", "mrc", "mrckl"):
-    if task != "mrfr" and "img_soft_labels" not in batch:
-      raise ValueError(f"task {task!r} needs the batch field img_soft_labels (detector "
+  if objective in ("mrfr", "mrc", "mrckl"):
+    if objective != "mrfr" and "img_soft_labels" not in batch:
+      raise ValueError(f"objective {objective!r} needs the batch field img_soft_labels (detector "
                        "soft labels); prepare the image data with soft labels")
     return apply_region_masking(key, batch, cfg.mrm_prob)
-  if task == "itm":
-    return sample_itm_negatives(key, batch, cfg.itm_neg_prob, cfg.itm_group_size)
-  raise ValueError(f"unknown pretraining task {task!r}")
+  if objective == "itm":
+    return sample_itm_negatives(key, batch, cfg.itm_neg_prob, itm_group_size)
+  raise ValueError(f"unknown pretraining objective {objective!r}")

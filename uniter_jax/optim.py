@@ -1,6 +1,6 @@
 """Optimizer: official AdamW, weight-decay mask, linear warmup / decay, clipping, lr_mul.
 
-Official details (uniter_spec.md section 5): AdamW with betas (0.9, 0.98), eps 1e-6, bias
+Official details (docs/official.md, *Optimisation*): AdamW with betas (0.9, 0.98), eps 1e-6, bias
 correction, decoupled weight decay 0.01; no decay for any parameter whose official *name*
 contains "bias", "LayerNorm.bias" or "LayerNorm.weight" (substring matching, so the
 img/pos layer norms and the LayerNorms inside Sequential heads *are* decayed); gradients

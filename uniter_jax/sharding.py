@@ -1,8 +1,10 @@
 """Mesh, logical-axis rules and the helpers that turn logical names into shardings.
 
-The model names axes logically ("batch", "embed", "mlp", ...). One rules table, kept in
-the config, maps each logical name to a mesh axis (or None = replicated). Data parallel
-and FSDP differ only in that table and in the mesh shape.
+The model names axes logically: parameters by what they hold ("embed", "mlp", "vocab", ...),
+activations by their own names ("act_batch", "act_length", "act_embed", ...), as MaxText
+does, so a rule for a weight never shards an activation by accident. One rules table, kept
+in the config and activated by the trainer, maps each logical name to a mesh axis (or None
+= replicated). Data parallel and FSDP differ only in that table and in the mesh shape.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 # FSDP over the 'fsdp' axis, data parallel over 'data' and 'fsdp' together. With
 # fsdp=1 in the mesh this is plain data parallelism.
 FSDP_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    # Activations.
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_mlp", None),
+    # Parameters.
     ("embed", "fsdp"),
     ("mlp", None),
     ("heads", None),
@@ -29,9 +37,8 @@ FSDP_RULES: Rules = (
     ("hidden", None),
     ("labels", None),
     ("layers", None),
-    ("length", None),
 )
-DATA_PARALLEL_RULES: Rules = tuple((k, v if k == "batch" else None) for k, v in FSDP_RULES)
+DATA_PARALLEL_RULES: Rules = tuple((k, v if k == "act_batch" else None) for k, v in FSDP_RULES)
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("uniter_rules",
                                                                      default=None)
@@ -139,9 +146,31 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
-  """Sharding of a batch array: the leading axis over the 'batch' rule, the rest replicated."""
-  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
+  """Sharding of a batch array: the leading axis over the 'act_batch' rule, the rest replicated."""
+  spec = logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over under `rules`."""
+  axes = logical_to_spec(("act_batch",), rules)[0]
+  return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def batch_shards() -> int:
+  """How many pieces the batch is split into under the active mesh and rules (1 outside).
+
+  Read at trace time inside the jitted step, so code that works per device (ITM negatives
+  drawn within each device's rows) needs no batch size from the config.
+  """
+  rules = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return 1
+  n = 1
+  for a in batch_axes(rules):
+    n *= mesh.shape[a]
+  return n
 
 
 def create_sharded(ctor, mesh: jax.sharding.Mesh, rules: Rules):

@@ -1,19 +1,20 @@
 """The trainer: read top to bottom. `train_and_evaluate(config, workdir)` is the entry.
 
-Setup -> data -> model and sharded state -> (resume | init_from | scratch) -> jitted step
--> loop (log, eval, checkpoint, preemption) -> final checkpoint.
+Setup (mesh, rules) -> data -> model and sharded state -> (resume | init_from | scratch)
+-> jitted step -> loop (log, evals, checkpoint, preemption) -> final checkpoint.
+
+The trainer is generic: what a run optimises and measures comes from its task
+(uniter_jax.tasks); the mesh and the logical-axis rules are set here and nowhere else.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,52 +22,50 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uniter_jax import checkpointing, metrics as metrics_lib, optim, sharding, tasks
+from uniter_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, optim
+from uniter_jax import sharding, tasks
 from uniter_jax import train_step as step_lib
-from uniter_jax.models import UniterConfig, UniterForPretraining  # noqa: F401 (re-exported)
-from uniter_jax.tasks import pretrain as pretrain_task
-from uniter_jax.tasks.base import DataSpec, RunContext
+from uniter_jax.models import UniterConfig, registry
+from uniter_jax.tasks.base import DataSpec, MakeWorld, RunContext
 
 
 # ----------------------------------------------------------------------------------------
 # Config -> objects
 
 
-def ensure_world(root: str) -> str:
-  """The synthetic world at `root`, generated on first use (any complete world is reused)."""
-  from data_prep import synthetic  # pylint: disable=import-outside-toplevel
-  if synthetic.read_world_manifest(root) is None:
-    say("generating the synthetic world in %s (first run only) ...", root)
-    root = synthetic.ensure_dataset(root, log=logging.info)
-  return root
+def rules_from(config) -> tuple:
+  """The config's logical-axis rules table as hashable (name, axes) tuples."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in config.sharding_rules)
 
 
-def resolve_data(config) -> DataSpec:
-  """Data folders of config.task from the config; generates the synthetic world on first use."""
-  return tasks.get(config.get("task", "pretrain")).data(config, ensure_world=ensure_world)
+def resolve_data(config, make_world: MakeWorld | None = None) -> DataSpec:
+  """Data folders of config.task; make_world(root) provides the synthetic world if asked."""
+  return tasks.get(config.task).data(config, make_world=make_world)
 
 
-def model_config_from(config, data_manifest: dict | None = None) -> UniterConfig:
-  """UniterConfig from config.model; fields set to -1 come from the data."""
-  m = config.model
-  base = UniterConfig.preset(m.preset) if m.preset in ("tiny", "base", "large") else UniterConfig()
-  fields = dict(m.overrides.to_dict()) if "overrides" in m else {}
-  for name in ("vocab_size", "img_dim", "img_label_dim"):
-    v = m[name]
-    if v == -1:
-      if not data_manifest or data_manifest.get(name) is None:
-        continue
-      v = data_manifest[name]
-    fields[name] = int(v)
-  fields["dtype"] = m.dtype
-  fields["remat_policy"] = m.remat_policy or None
-  fields["attention_impl"] = m.attention_impl or None
-  return dataclasses.replace(base, **fields)
+# Fields whose config value -1 means "as the data declares it"; "" means None.
+_FROM_DATA = ("vocab_size", "img_dim", "img_label_dim")
+_OPTIONAL_STR = ("remat_policy", "attention_impl")
 
 
-def make_pipeline(config, text_dirs, image_dirs, mesh, *, model_cfg: UniterConfig, seed: int,
-                  train: bool, state: dict | None = None, soft_labels: bool | None = None,
-                  **overrides):
+def model_config_from(config, data_sizes: dict | None = None) -> UniterConfig:
+  """UniterConfig from config.model (every field); -1 sizes come from the data."""
+  fields = dict(config.model.to_dict())
+  for name in _FROM_DATA:
+    if fields[name] == -1:
+      if not data_sizes or data_sizes.get(name) is None:
+        raise ValueError(f"config.model.{name} is -1 (from the data) but the data does not "
+                         f"declare it; set --config.model.{name}=N")
+      fields[name] = int(data_sizes[name])
+  for name in _OPTIONAL_STR:
+    fields[name] = fields[name] or None
+  return UniterConfig.from_dict(fields)
+
+
+def make_pipeline(config, text_dirs, image_dirs, mesh, rules, *, model_cfg: UniterConfig,
+                  seed: int, train: bool, state: dict | None = None,
+                  soft_labels: bool | None = None, **overrides):
   """The input pipeline of a run; `overrides` are PipelineConfig fields (eval: drop_remainder)."""
   from uniter_jax.data.pipeline import InputPipeline, PipelineConfig  # pylint: disable=import-outside-toplevel
   d = config.data
@@ -75,7 +74,7 @@ def make_pipeline(config, text_dirs, image_dirs, mesh, *, model_cfg: UniterConfi
       token_budget=d.token_budget or 16384, batch_size=d.batch_size or None,
       max_txt_len=d.max_txt_len, seed=seed, shuffle=train, drop_remainder=True,
       feat_dtype=d.feat_dtype, img_dim=model_cfg.img_dim, vocab_size=model_cfg.vocab_size,
-      soft_labels=soft_labels, batch_axes=tuple(a for a in mesh.axis_names))
+      soft_labels=soft_labels, batch_axes=sharding.batch_axes(rules))
   return InputPipeline(text_dirs, image_dirs, mesh=mesh, config=pc, state=state, **overrides)
 
 
@@ -94,23 +93,12 @@ def data_sizes(spec: DataSpec) -> dict:
 # State
 
 
-make_model_fn = pretrain_task.build_model_fn  # the pretraining model (tests, benchmarks)
-
-
 def make_optimizer(config, abstract_params):
   o = config.optimizer
   return optim.make_optimizer(
       abstract_params, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps,
       b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-      lr_mul=dict(o.get("lr_mul", {}) or {}), mu_dtype=o.mu_dtype or None)
-
-
-def init_state_fn(model_fn, tx, seed: int) -> Callable[[], dict]:
-  def init():
-    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
-    return {"params": params, "rest": rest, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
-  return init
+      lr_mul=o.lr_mul.to_dict(), mu_dtype=o.mu_dtype or None)
 
 
 def state_shardings(abstract_state, mesh, rules):
@@ -196,7 +184,8 @@ def stack_microbatches(batches: list[dict]) -> dict:
 
 
 def batch_shardings(batch: dict, mesh, rules, micro: bool) -> dict:
-  spec = sharding.logical_to_spec(("batch",), rules)
+  """Every batch field split over the batch rule (after a leading micro-batch axis)."""
+  spec = sharding.logical_to_spec(("act_batch",), rules)
   lead = (None,) if micro else ()
   return {k: NamedSharding(mesh, P(*lead, *spec)) for k in batch}
 
@@ -245,36 +234,38 @@ def say(msg: str, *args) -> None:
 # Main entry
 
 
-def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
+def train_and_evaluate(config, workdir: str, *, mode: str = "train",
+                       make_world: MakeWorld | None = None) -> dict:
   """Runs `mode` ("train", "eval", "predict" or "export") of config.task in `workdir`.
 
+  make_world(root) -> root provides the synthetic world when config.data.synthetic is set
+  (main.py passes data_prep.synthetic.ensure_world; without it the world must exist).
   Returns a summary dict (train: step, last eval, preempted; eval: metrics; predict: the
   result file and its metrics; export: the msgpack path).
   """
   os.makedirs(workdir, exist_ok=True)
-  task = tasks.get(config.get("task", "pretrain"))
-  rules = list(tasks.base.config_rules(config))
+  task = tasks.get(config.task)
+  rules = rules_from(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind)
 
   # -- Data ------------------------------------------------------------------------------
-  spec = resolve_data(config)
+  spec = resolve_data(config, make_world)
   task.check_data(config, spec)
   model_cfg = model_config_from(config, data_sizes(spec))
-  needs_soft = task.needs_soft_labels(config)
-  dp = 1
-  for a in sharding.logical_to_spec(("batch",), rules)[0] or ():
-    dp *= mesh.shape[a] if isinstance(a, str) else 1
-  with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    json.dump({"model_class": task.model_class, "config": model_cfg.to_dict()}, f, indent=2)
+  model_kwargs = task.model_kwargs(config, spec)
+  checkpointing.write_model_record(
+      os.path.join(workdir, checkpointing.MODEL_RECORD),
+      registry.make_record(task.model_class, model_cfg, model_kwargs), overwrite=True)
 
   # -- Model and sharded state -------------------------------------------------------------
-  model_fn = task.model_fn(model_cfg, config, spec)
-  abstract_model = nnx.eval_shape(model_fn)
-  graphdef, abs_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+  def model_fn(cfg: UniterConfig = model_cfg):
+    return registry.build(task.model_class, cfg, seed=config.seed, **model_kwargs)
+
+  graphdef, abs_params, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   tx, schedule = make_optimizer(config, abs_params)
-  init_fn = init_state_fn(model_fn, tx, config.seed)
+  init_fn = step_lib.init_state_fn(model_fn, tx, config.seed)
   abstract_state = jax.eval_shape(init_fn)
   shardings = state_shardings(abstract_state, mesh, rules)
   abstract_sharded = jax.tree.map(
@@ -303,11 +294,24 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
     return {"export": path}
 
   ctx = RunContext(
-      config=config, workdir=workdir, mesh=mesh, rules=tuple(rules), data=spec,
+      config=config, workdir=workdir, mesh=mesh, rules=rules, data=spec,
       model_cfg=model_cfg, graphdef=graphdef, say=say,
-      pipeline=functools.partial(make_pipeline, config, mesh=mesh, model_cfg=model_cfg,
-                                 seed=0))
-  evaluate = task.evaluator(ctx)
+      pipeline=functools.partial(make_pipeline, config, mesh=mesh, rules=rules,
+                                 model_cfg=model_cfg, seed=0))
+  evaluators = task.evaluators(ctx)
+  missing = [n for n in evaluators if n not in config.get("evals", {})]
+  if missing:
+    raise ValueError(f"config.evals has no entry for evaluator(s) {missing} of task "
+                     f"{task.name!r}; add config.evals.<name>.every_steps")
+
+  def evaluate(state, step: int | None = None) -> dict:
+    """The evaluators due at `step` (all of them when step is None), merged."""
+    out = {}
+    for name, fn in evaluators.items():
+      every = config.evals[name].every_steps
+      if step is None or (every and (step % every == 0 or step == config.total_steps)):
+        out.update(fn(state))
+    return out
 
   if mode in ("eval", "predict"):
     try:  # a data error must not leave the manager's threads running
@@ -320,25 +324,12 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
     return result
 
   # -- Train step ----------------------------------------------------------------------------
-  # ITM negatives are drawn within each device's slice of the batch (no cross-device swap).
-  group = (config.data.batch_size // dp) if config.data.batch_size else None
-  objective = task.objective(config, spec, group_size=group)
-  branch_names = tuple(getattr(objective, "names", None) or objective.tasks)
-  log_aux = task.log_aux()
-  step_fn = step_lib.make_train_step(graphdef, tx, objective, schedule)
-
-  # XLA counts a scanned layer once; lowering (not compiling) the same step over an
-  # unscanned copy of the model counts every layer. With several tasks the switch counts as
-  # its costliest branch, so MFU is a slight overestimate of the mix average.
-  flat_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat_policy=None)
-  flat_graphdef = nnx.graphdef(nnx.eval_shape(task.model_fn(flat_cfg, config, spec)))
-  flat_step = step_lib.make_train_step(flat_graphdef, tx, objective, schedule)
-
-  def unscanned_step_flops(state, batch) -> float:
-    return metrics_lib.compiled_flops(jax.jit(flat_step).lower(state, batch)) or 0.0
-  pipe = make_pipeline(config, spec.text_dirs, spec.image_dirs, mesh, model_cfg=model_cfg,
-                       seed=config.seed, train=True, state=data_state or None,
-                       soft_labels=True if needs_soft else None)
+  objective = task.objective(config, spec)
+  step_fn = step_lib.make_train_step(graphdef, tx, objective, rules=rules, schedule=schedule)
+  pipe = make_pipeline(config, spec.text_dirs, spec.image_dirs, mesh, rules,
+                       model_cfg=model_cfg, seed=config.seed, train=True,
+                       state=data_state or None,
+                       soft_labels=True if task.needs_soft_labels(config) else None)
   task.check_pipeline(config, spec, pipe, "train")
   say("%s", pipe.report())
   micro = config.grad_accum_steps > 1
@@ -351,6 +342,13 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
                                                    batch_shardings(batch, mesh, rules, micro)),
                             out_shardings=(shardings, None), donate_argnums=(0,))
     return jitted[key]
+
+  def mean_update_flops(batch) -> float:
+    """XLA's FLOPs per update (unscanned copy, each branch alone), averaged over the mix."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    per = flops_lib.branch_flops(lambda: model_fn(flops_lib.unscanned(model_cfg)), tx,
+                                 objective, abstract, rules)
+    return flops_lib.mean_step_flops(per, dict(zip(objective.names, objective.ratios)))
 
   writer = metrics_lib.Writer(workdir)
   eval_writer = metrics_lib.Writer(workdir, subdir="eval")
@@ -373,19 +371,20 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
     for s, m in host:
       if not np.isfinite(m["loss"]):
         raise NonFiniteLoss(
-            f"non-finite loss {m['loss']} at step {s} (task {branch_names[int(m['task'])]}); "
-            f"the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            f"non-finite loss {m['loss']} at step {s} (objective "
+            f"{objective.names[int(m['branch'])]}); the last good checkpoint is step "
+            f"{ckpt.latest_step()} in {ckpt.directory}")
     dt = max(time.time() - t_log, 1e-9)
     out = {"loss": np.mean([m["loss"] for _, m in host]),
            "lr": float(host[-1][1]["lr"]), "grad_norm": np.mean([m["grad_norm"] for _, m in host]),
            "examples_per_sec": n_ex / dt, "tokens_per_sec": n_tok / dt,
            "steps_per_sec": len(host) / dt}
-    for i, t in enumerate(branch_names):
-      chosen = [m for _, m in host if int(m["task"]) == i]
+    for i, name in enumerate(objective.names):
+      chosen = [m for _, m in host if int(m["branch"]) == i]
       if chosen:
-        out[f"loss_{t}"] = np.mean([m["loss"] for m in chosen])
-        for name, aux in log_aux.get(t, ()):
-          out[name] = np.mean([m[aux] for m in chosen])
+        out[f"loss_{name}"] = np.mean([m["loss"] for m in chosen])
+        for logged, aux in objective.logged.get(name, ()):
+          out[logged] = np.mean([m[aux] for m in chosen])
     if flops_per_step and peak:
       out["mfu"] = flops_per_step * len(host) / dt / (peak * jax.device_count())
     writer.write(step, out)
@@ -403,7 +402,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
           t0 = time.time()
           fn.lower(state, batch).compile()
           say("compiled the train step in %.1fs", time.time() - t0)
-          flops_per_step = unscanned_step_flops(state, batch)
+          flops_per_step = mean_update_flops(batch)
           say("%.3g FLOPs per update (for MFU)", flops_per_step)
         state, m = fn(state, batch)
         step += 1
@@ -412,9 +411,9 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train") -> dict:
         pending.append((step, m))
         if step % config.log_every_steps == 0 or step == config.total_steps:
           flush_metrics(step)
-        if config.eval_every_steps and (step % config.eval_every_steps == 0
-                                        or step == config.total_steps):
-          last_eval = evaluate(state)
+        result = evaluate(state, step)
+        if result:
+          last_eval = result
           eval_writer.write(step, last_eval)
           say("eval at step %d: %s", step, _rounded(last_eval))
         stop = (preempt.requested or ckpt.reached_preemption(step)

@@ -350,3 +350,12 @@ def ensure_dataset(path: str, *, workers: int | None = None, log=print, **config
     except FileExistsError:
       continue  # another process published it first: check what it wrote
   raise RuntimeError(f"could not create a synthetic world at {path}")
+
+
+def ensure_world(path: str, *, log=print) -> str:
+  """The trainer's world provider: any complete world at `path` is reused as it is (a small
+  test world too); otherwise the default world is generated there."""
+  if read_world_manifest(path) is None:
+    log(f"generating the synthetic world in {path} (first run only) ...")
+    ensure_dataset(path, log=log)
+  return os.path.abspath(path)

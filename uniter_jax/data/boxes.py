@@ -1,4 +1,7 @@
-"""Region box helpers: the 7-d box feature (spec 2.3) and the official box-count policy (spec 4.1).
+"""Region box helpers: the 7-d box feature and the official box-count policy.
+
+Both are described in docs/official.md (*Model* for the box feature, *Box features and box
+policy* for the policy).
 
 Pure NumPy; shared by the converters, the writer and the readers.
 """

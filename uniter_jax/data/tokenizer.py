@@ -1,7 +1,7 @@
 """BERT WordPiece tokenizer (pure Python, no TensorFlow, no network).
 
 Same procedure as the BERT tokenizer the official UNITER preprocessing uses
-(`BertTokenizer('bert-base-cased', do_lower_case=False)`, spec section 1):
+(`BertTokenizer('bert-base-cased', do_lower_case=False)`; docs/official.md, *Model*):
 
 1. basic tokenization: drop control characters, map whitespace to spaces, put spaces around
    CJK characters, split on whitespace, optionally lower-case and strip accents, then split

@@ -1,4 +1,6 @@
-"""BERT initialisation (the official `uniter-base-init` path, spec 2.7 and 7.1).
+"""BERT initialisation: the official `uniter-base-init` path.
+
+See docs/official.md, *BERT initialisation*.
 
 A Hugging Face BERT checkpoint (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`; names
 with or without the `bert.` prefix) fills the text embeddings, the encoder, the pooler and

@@ -14,15 +14,15 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uniter_jax import pytree
 from uniter_jax.interop import io
 from uniter_jax.interop.official import IGNORED_PREFIXES, TIED, is_stacked, path_to_official
+from uniter_jax.models import registry
 from uniter_jax.models.config import UniterConfig
-from uniter_jax.models.pretraining import UniterForPretraining
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,26 @@ class CheckpointMismatchError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """How to build the model of one official task and which checkpoint tensors it uses.
+  """Which registered model an official task loads into, and which checkpoint tensors it uses.
 
-  build(config, shapes, rngs, **task_kwargs) -> model; `shapes` maps official names to the
-  checkpoint's tensor shapes so a head can size itself (e.g. num_answers).
+  model_class: a name in uniter_jax.models.registry.
+  model_kwargs(shapes, **task_kwargs) -> the model's constructor kwargs; `shapes` maps
+  official names to the checkpoint's tensor shapes so a head can size itself (num_answers).
   tied: official alias -> canonical name, for tensors the official model stores twice.
   unused: official name prefixes that may be in a checkpoint for this task and are ignored
   (reported as such), e.g. pretraining heads when fine-tuning starts from uniter-base.pt.
   """
 
   name: str
-  build: Callable[..., nnx.Module]
+  model_class: str
+  model_kwargs: Callable[..., dict] = lambda shapes: {}
   tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
   unused: tuple[str, ...] = ()
+
+  def build(self, config: UniterConfig, shapes: Mapping[str, tuple], rngs: nnx.Rngs,
+            **task_kwargs: Any) -> nnx.Module:
+    return registry.build(self.model_class, config, rngs=rngs,
+                          **self.model_kwargs(shapes, **task_kwargs))
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -61,27 +68,27 @@ def register_task(spec: TaskSpec) -> None:
   TASKS[spec.name] = spec
 
 
-def _build_pretrain(config: UniterConfig, shapes: Mapping[str, tuple], rngs: nnx.Rngs
-                    ) -> nnx.Module:
-  del shapes
-  return UniterForPretraining(config, rngs=rngs)
-
-
-def _build_vqa(config: UniterConfig, shapes: Mapping[str, tuple], rngs: nnx.Rngs, *,
-               num_answers: int | None = None) -> nnx.Module:
-  from uniter_jax.models.vqa import UniterForVqa
-
+def _answer_head_kwargs(shapes: Mapping[str, tuple], *, num_answers: int | None = None
+                        ) -> dict:
   found = shapes.get("vqa_output.3.weight", (None,))[0]
   if num_answers is None:
     if found is None:
       raise ValueError("task='vqa': the checkpoint has no vqa_output head, so pass "
                        "num_answers=... (3129 for VQA v2, 3 for SNLI-VE)")
     num_answers = found
-  return UniterForVqa(config, num_answers, rngs=rngs)
+  return {"num_answers": int(num_answers)}
 
 
-register_task(TaskSpec("pretrain", _build_pretrain, tied=dict(TIED)))
-register_task(TaskSpec("vqa", _build_vqa, unused=_PRETRAIN_HEADS))
+register_task(TaskSpec("pretrain", "UniterForPretraining", tied=dict(TIED)))
+register_task(TaskSpec("vqa", "UniterForVqa", _answer_head_kwargs, unused=_PRETRAIN_HEADS))
+
+
+def task_of(names: Iterable[str]) -> str:
+  """The registered official task whose head the checkpoint tensor names hold."""
+  names = list(names)
+  if any(n.startswith("vqa_output.") for n in names):
+    return "vqa"
+  return "pretrain"
 
 
 @dataclasses.dataclass
@@ -125,10 +132,7 @@ def _flat_params(tree: Any) -> dict[tuple[str, ...], np.ndarray]:
   if isinstance(tree, nnx.Module):
     tree = nnx.state(tree, nnx.Param)
   pure = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
-  flat = {}
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-    flat[tuple(str(getattr(k, "key", k)) for k in keypath)] = leaf
-  return flat
+  return pytree.flatten(pure)
 
 
 def official_names(model: nnx.Module) -> dict[str, tuple[tuple[str, ...], int | None]]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+
+from uniter_jax.files import atomic_write  # noqa: F401 (part of this module's API)
 
 PathLike = str | os.PathLike
 
@@ -159,23 +160,6 @@ def read_tensors(source: PathLike | Mapping[str, Any], *,
     return unwrap(obj)
   raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; use .pt, .bin, .npz or "
                    ".safetensors")
-
-
-def atomic_write(path: PathLike, write: Callable[[Any], None], *, overwrite: bool) -> None:
-  """Calls write(file) on a temp file in the target folder, then renames it into place."""
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def write_tensors(tensors: Mapping[str, np.ndarray], path: PathLike, *,

@@ -1,6 +1,6 @@
 """Official UNITER (PyTorch) parameter names and batch layout <-> ours.
 
-Name mapping (uniter_spec.md section 7): torch Linear `weight` (out, in) is our `kernel`
+Name mapping (docs/official.md, *Parameter names*): torch Linear `weight` (out, in) is our `kernel`
 (in, out); LayerNorm `weight` is `scale`; Embedding `weight` is `embedding`. Encoder layers
 `encoder.layer.{l}.*` are stacked on a leading axis of `encoder.layer.*`; `attention.self`
 is `attention.self_attn`. In the nn.Sequential heads (SEQUENTIAL_HEADS), `net.0` / `.0` is
@@ -15,6 +15,8 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+
+from uniter_jax import pytree
 
 # Official aliases of tied tensors -> the canonical tensor they equal.
 TIED = {
@@ -133,17 +135,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested mappings (torch collate's `ot_inputs`) -> dotted keys, as an .npz stores them."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    elif v is not None:
-      out[prefix + k] = v
-  return out
-
-
 def _np(value: Any, dtype=None) -> np.ndarray:
   if type(value).__module__.startswith("torch"):
     value = value.detach().cpu().numpy()
@@ -171,7 +162,7 @@ def from_official_batch(batch: Mapping[str, Any], *, validate: bool = True
   derived here (gather_index, position_ids, img_mask_tgt, ot_inputs pads), so a batch in
   some other layout fails loudly instead of giving silently wrong outputs.
   """
-  batch = _flatten(batch)
+  batch = pytree.flatten(batch, sep=".", drop_none=True)
   ids = _np(batch["input_ids"])
   b, lt = ids.shape
   img_feat = _np(batch["img_feat"], np.float32)

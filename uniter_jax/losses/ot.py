@@ -1,17 +1,18 @@
 """Word-region alignment (WRA): optimal-transport distance between words and regions.
 
-UNITER's WRA loss (spec 3.7) transports the [CLS] w_1 .. w_n [SEP] outputs onto the region
-outputs with a cosine cost and an approximate OT plan that carries no gradient, so
-d dist / d C = plan. The official solver is IPOT (beta 0.5, 50 iterations, k 1), which in
-effect is converged entropic OT at an absolute epsilon of beta / iterations = 0.01
-(docs/ot_notes.md section 1). Two solvers are offered:
+UNITER's WRA loss (docs/ot.md, *What the official code computes*) transports the
+[CLS] w_1 .. w_n [SEP] outputs onto the region outputs with a cosine cost and an approximate
+OT plan that carries no gradient, so d dist / d C = plan. The official solver is IPOT
+(beta 0.5, 50 iterations, k 1), which in effect is converged entropic OT at an absolute
+epsilon of beta / iterations = 0.01 (docs/ot.md, *IPOT with k = 1 is entropic OT at epsilon =
+beta / iterations*). Two solvers are offered:
 
 * "sinkhorn" (default): ott-jax log-domain Sinkhorn, fixed 100 iterations, epsilon annealed
   geometrically to 0.01. Distances agree with IPOT to about 1e-3.
 * "ipot": a batched transcription of the official IPOT, for exact parity (about 1e-7).
 
 Everything runs in float32 whatever the input dtype: at epsilon 0.01 bf16 loses 10-100x in
-accuracy (ot_notes pitfall 12). Masks are True at valid positions; examples with no words or
+accuracy (docs/ot.md pitfall 12). Masks are True at valid positions; examples with no words or
 no regions get distance 0, with finite values and gradients everywhere.
 """
 
@@ -62,7 +63,7 @@ def ot_cost(
   cos = jnp.einsum("bmd,bnd->bmn", x, y, precision=_HIGHEST)
   joint = _joint_mask(txt_mask, img_mask)
   # Zero (not just finite) padded costs: the official code does so, and a non-finite padded
-  # entry would make ott report divergence (ot_notes pitfall 6).
+  # entry would make ott report divergence (docs/ot.md pitfall 6).
   return jnp.where(joint, 1.0 - cos, 0.0)
 
 
@@ -127,16 +128,16 @@ def _sinkhorn_plan(
   """ott-jax log-domain Sinkhorn plan (B, M, N), vmapped over the batch."""
   _, num_txt, num_img = cost.shape
   # Zero weight on padding is ott's only way to mask. Empty examples get a dummy uniform
-  # problem instead: an all-zero marginal is a degenerate problem (pitfalls 7, 8).
+  # problem instead: an all-zero marginal is a degenerate problem (docs/ot.md pitfalls 7, 8).
   n_txt = jnp.maximum(jnp.sum(txt_valid, axis=-1, keepdims=True), 1)
   n_img = jnp.maximum(jnp.sum(img_valid, axis=-1, keepdims=True), 1)
   a = jnp.where(nonempty[:, None], txt_valid / n_txt, 1.0 / num_txt).astype(jnp.float32)
   b = jnp.where(nonempty[:, None], img_valid / n_img, 1.0 / num_img).astype(jnp.float32)
   # min == max iterations: a static-length scan (no batched while loop waiting for the
-  # slowest example); inner_iterations=1 divides it, so no iteration is dropped (pitfall 5).
-  # lse_mode because exp(-C / 0.01) underflows in fp32 (pitfall 3). No gradient enters the
-  # solver (its input is stop_gradient(C)), so implicit_diff=None merely avoids building
-  # an implicit-diff rule that would never be used.
+  # slowest example); inner_iterations=1 divides it, so no iteration is dropped (docs/ot.md
+  # pitfall 5). lse_mode because exp(-C / 0.01) underflows in fp32 (docs/ot.md pitfall 3).
+  # No gradient enters the solver (its input is stop_gradient(C)), so implicit_diff=None
+  # merely avoids building an implicit-diff rule that would never be used.
   solver = sinkhorn.Sinkhorn(
       lse_mode=True,
       min_iterations=num_iters,
@@ -164,7 +165,7 @@ def _epsilon_schedule(
     raise ValueError(f"eps_anneal decay must be in (0, 1], got {decay}")
   # ott uses target * max(init * decay**t, 1) at iteration t = 0..n-1. If the multiplier has
   # not reached 1 by the last iteration the potentials belong to a larger epsilon and the
-  # plan built at the target is meaningless (all zeros in the worst case; pitfall 4).
+  # plan built at the target is meaningless (all zeros in the worst case; docs/ot.md pitfall 4).
   last = init * decay ** (num_iters - 1)
   if last > 1.0:
     raise ValueError(
@@ -254,7 +255,7 @@ def ot_distance(
     )
 
   plan = jax.lax.stop_gradient(plan)
-  # <C, P> and not ott's reg_ot_cost, which adds the entropy term (pitfall 10).
+  # <C, P> and not ott's reg_ot_cost, which adds the entropy term (docs/ot.md pitfall 10).
   dist = jnp.sum(cost * plan, axis=(1, 2))
   if return_plan:
     return dist, plan
@@ -266,7 +267,7 @@ def plan_marginal_error(
 ) -> jax.Array:
   """L1 error of both marginals of a plan against uniform-on-valid weights, (B,).
 
-  For monitoring (ot_notes suggests logging it as ot_marg_err): IPOT-50 gives about 5e-3 on
+  For monitoring (docs/ot.md, *Tolerances we know*): IPOT-50 gives about 5e-3 on
   random data; much more means the fixed iteration budget is too small. 0 for empty examples.
   """
   txt_mask = jnp.asarray(txt_mask, bool)

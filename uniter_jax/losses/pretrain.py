@@ -1,8 +1,8 @@
-"""Pretraining losses with the official reductions (uniter_spec.md 3.2-3.8, pitfall 7).
+"""Pretraining losses with the official reductions (docs/official.md, *Loss reductions*).
 
 Every loss is a pure function of model outputs and dense targets with masks (static shapes,
 no boolean indexing) and is computed in float32 whatever the model's compute dtype.
-`pretrain_loss` ties model, targets and reduction together for one task.
+`pretrain_loss` ties model, targets and reduction together for one pretraining objective.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from jax.scipy.special import xlogy
 
 from uniter_jax.losses import ot as ot_lib
 
-TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+OBJECTIVES = ("mlm", "mrfr", "mrc", "mrckl", "itm")
 # Official itm_ot_lambda in every released pretraining config.
 DEFAULT_OT_LAMBDA = 0.1
 
@@ -78,28 +78,28 @@ def itm_loss(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
   return {"loss": jnp.mean(nll), "accuracy": acc}
 
 
-def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], task: str, *,
+def pretrain_loss(model: Any, batch: Mapping[str, jax.Array], objective: str, *,
                   deterministic: bool = True, rngs: Any = None,
                   ot_lambda: float = DEFAULT_OT_LAMBDA, **ot_options: Any
                   ) -> dict[str, jax.Array]:
-  """The scalar the official training loop back-propagates for `task` on `batch`.
+  """The scalar the official training loop back-propagates for `objective` on `batch`.
 
-  `batch` already carries the task's targets (see uniter_jax.masking.apply_task):
+  `batch` already carries the objective's targets (uniter_jax.masking.apply_objective):
   mlm: txt_labels; mrfr: img_masked, feat_targets; mrc / mrckl: img_masked, label_targets;
   itm: itm_targets. For "itm" the result is ITM cross-entropy + ot_lambda * WRA, with
   `itm_loss`, `ot_loss` and the per-example `ot_distance` (B,) beside it; `ot_options` go
   to `uniter_jax.losses.ot.ot_distance` (solver="sinkhorn" | "ipot", ...).
   """
-  if task not in TASKS:
-    raise ValueError(f"unknown pretraining task {task!r}; choose from {TASKS}")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown pretraining objective {objective!r}; choose from {OBJECTIVES}")
   out = model.encode(batch, deterministic=deterministic, rngs=rngs)
-  if task == "mlm":
+  if objective == "mlm":
     return mlm_loss(model.mlm_logits(out.txt), batch["txt_labels"])
-  if task == "mrfr":
+  if objective == "mrfr":
     return mrfr_loss(model.mrfr_prediction(out.img), batch["feat_targets"],
                      batch["img_masked"])
-  if task in ("mrc", "mrckl"):
-    fn = mrc_loss if task == "mrc" else mrckl_loss
+  if objective in ("mrc", "mrckl"):
+    fn = mrc_loss if objective == "mrc" else mrckl_loss
     return fn(model.mrc_logits(out.img), batch["label_targets"], batch["img_masked"])
   targets = batch["itm_targets"]
   res = itm_loss(model.itm_logits(out.pooled), targets)

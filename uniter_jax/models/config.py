@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-# Official sizes (uniter_spec.md section 2.1). "tiny" equals the parity fixture's model.
+# Official sizes (docs/official.md, *Model*). "tiny" equals the parity fixture's model.
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                  vocab_size=100, max_position_embeddings=64, img_dim=32, img_label_dim=11),

@@ -1,4 +1,4 @@
-"""Text and region embeddings (uniter_spec.md sections 2.2 and 2.3)."""
+"""Text and region embeddings (docs/official.md, *Model*)."""
 
 from __future__ import annotations
 

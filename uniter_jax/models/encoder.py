@@ -1,4 +1,4 @@
-"""Post-LN BERT encoder layers, stacked and run with nnx.scan (uniter_spec.md 2.5)."""
+"""Post-LN BERT encoder layers, stacked and run with nnx.scan (docs/official.md, *Model*)."""
 
 from __future__ import annotations
 
@@ -69,16 +69,16 @@ class Layer(nnx.Module):
 
     def heads(y):
       return constrain(y.reshape(b, l, self.num_heads, h // self.num_heads),
-                       ("batch", "length", "heads", None))
+                       ("act_batch", "act_length", "act_heads", None))
 
     q, k, v = heads(sa.query(x)), heads(sa.key(x)), heads(sa.value(x))
     ctx = self._attend(q, k, v, key_mask, keys[0], deterministic).reshape(b, l, h)
     out = self.attention.output
     x1 = out.LayerNorm(dropout(out.dense(ctx), self.hidden_rate, keys[1], deterministic) + x)
-    x1 = constrain(x1, ("batch", "length", "embed"))
-    mid = constrain(gelu(self.intermediate.dense(x1)), ("batch", "length", "mlp"))
+    x1 = constrain(x1, ("act_batch", "act_length", "act_embed"))
+    mid = constrain(gelu(self.intermediate.dense(x1)), ("act_batch", "act_length", "act_mlp"))
     y = dropout(self.output.dense(mid), self.hidden_rate, keys[2], deterministic)
-    return constrain(self.output.LayerNorm(y + x1), ("batch", "length", "embed"))
+    return constrain(self.output.LayerNorm(y + x1), ("act_batch", "act_length", "act_embed"))
 
   def _attend(self, q, k, v, key_mask, key, deterministic):
     if deterministic or self.attn_rate == 0.0:

@@ -1,4 +1,6 @@
-"""Pretraining heads (uniter_spec.md 3.2-3.6). Tied weights are read through the owner.
+"""Pretraining heads. Tied weights are read through the owner.
+
+The official heads are described in docs/official.md, *Pretraining objectives and masking*.
 
 The MLM decoder is the word-embedding table (read via `Embed.attend`) plus its own bias;
 the MRFR output is the transposed image-linear kernel plus its own bias. No Param is

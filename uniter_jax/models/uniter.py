@@ -90,7 +90,7 @@ class UniterModel(nnx.Module):
     img = self.img_embeddings(img_feat, batch["img_pos"], img_type,
                               self.embeddings.token_type_embeddings, batch.get("img_masked"),
                               deterministic=deterministic, key=k_img)
-    x = constrain(jnp.concatenate([txt, img], axis=1), ("batch", "length", "embed"))
+    x = constrain(jnp.concatenate([txt, img], axis=1), ("act_batch", "act_length", "act_embed"))
     key_mask = jnp.concatenate([txt_mask, img_mask], axis=1)
     enc = self.encoder(x, key_mask, deterministic=deterministic, key=k_enc,
                        return_all=return_all_layers)

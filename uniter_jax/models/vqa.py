@@ -1,4 +1,7 @@
-"""UniterForVqa: the backbone plus the official VQA / SNLI-VE answer head (spec 6.1, 6.2)."""
+"""UniterForVqa: the backbone plus the official VQA / SNLI-VE answer head.
+
+See docs/official.md, *Downstream heads* (VQA, SNLI-VE) and *Loss reductions*.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ class UniterForVqa(nnx.Module):
 def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Official VQA / VE loss: elementwise BCE-with-logits, mean over all x num_answers.
 
-  That is the sum over answers averaged over questions (spec 6.1, pitfall 7).
+  That is the sum over answers averaged over questions (docs/official.md, *Loss reductions*).
   """
   bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
                                            targets.astype(jnp.float32))

@@ -1,11 +1,11 @@
-"""The task abstraction: what the shared trainer asks of pretraining and of each fine-tuning task.
+"""The task abstraction: what the generic trainer asks of pretraining and of each fine-tuning task.
 
-A task says which data it reads (and the synthetic world's folders for it), which model it
-builds, what one update optimises (an `Objective` for uniter_jax.train_step), which batch fields
-the step needs, how held-out evaluation runs, and how predictions are written. The trainer
-(uniter_jax.train) owns everything else: mesh, state, checkpoints, the loop and logging.
-Adding a task = one head module (uniter_jax/models), one task module here, one config, one
-evaluator (uniter_jax/evaluators), and a `register` call; no trainer edits.
+A task says which data it reads (and the synthetic world's folders for it), which registered
+model class it builds (and with which kwargs), what one update optimises (an
+`uniter_jax.train_step.Objective`), which batch fields the step needs, its held-out
+evaluators (`config.evals.<name>`), and how predictions are written. The trainer
+(uniter_jax.train) owns everything else: mesh, sharding rules, state, checkpoints, the loop
+and logging. docs/architecture.md has the checklist for adding a task (no trainer edits).
 """
 
 from __future__ import annotations
@@ -14,23 +14,17 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
-from flax import nnx
-
 from uniter_jax import batch as batch_lib
 from uniter_jax.models import UniterConfig
+
+# root -> root: makes (or reuses) a synthetic world at root. The application passes one
+# (main.py: data_prep.synthetic.ensure_world); the library never imports data_prep.
+MakeWorld = Callable[[str], str]
 
 
 def csv(value: str) -> list[str]:
   """'a,b' -> ['a', 'b'] (empty entries dropped)."""
   return [v for v in (value or "").split(",") if v]
-
-
-def config_rules(config) -> tuple:
-  """The logical-axis rules table of a config as hashable (name, axes) tuples."""
-  rules = []
-  for name, axes in config.sharding_rules:
-    rules.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
-  return tuple(rules)
 
 
 @dataclasses.dataclass
@@ -48,12 +42,12 @@ class DataSpec:
 
 @dataclasses.dataclass
 class RunContext:
-  """What a task's evaluator / predictor may use from the trainer (built once per run)."""
+  """What a task's evaluators / predictor may use from the trainer (built once per run)."""
 
   config: Any
   workdir: str
   mesh: Any
-  rules: tuple
+  rules: tuple  # the trainer's logical-axis rules (for jitted eval functions)
   data: DataSpec
   model_cfg: UniterConfig
   graphdef: Any
@@ -67,6 +61,8 @@ class Task:
   """Base class; subclasses set the class attributes and override what differs."""
 
   name: str = ""
+  # A name registered in uniter_jax.models.registry; the trainer builds it with
+  # model_kwargs() and records both in WORKDIR/model_config.json and in exports.
   model_class: str = ""
   # Synthetic-world text folders (under DIR/txt) for train, val and test; None = none.
   synthetic_splits: tuple[str | None, str | None, str | None] = (None, None, None)
@@ -74,7 +70,7 @@ class Task:
   step_extra_fields: tuple[str, ...] = ()
 
   # -- data ------------------------------------------------------------------------------
-  def data(self, config, *, ensure_world: Callable[[str], str]) -> DataSpec:
+  def data(self, config, *, make_world: MakeWorld | None = None) -> DataSpec:
     """Data folders from config.data; with config.data.synthetic, the world's folders fill gaps."""
     d = config.data
     text, image = csv(d.text_dirs), csv(d.image_dirs)
@@ -83,7 +79,13 @@ class Task:
     test_image = csv(d.get("test_image_dirs", ""))
     vocab = d.vocab
     if d.synthetic:
-      root = ensure_world(os.path.abspath(d.synthetic))
+      root = os.path.abspath(d.synthetic)
+      if make_world is not None:
+        root = make_world(root)
+      elif not os.path.isdir(os.path.join(root, "img_db")):
+        raise FileNotFoundError(
+            f"config.data.synthetic: no synthetic world at {root}; generate it with "
+            f"`python -m data_prep.synthetic --out {root}` (main.py does this on first use)")
       tr, va, te = (os.path.join(root, "txt", s) if s else None for s in self.synthetic_splits)
       text = text or ([tr] if tr else [])
       image = image or [os.path.join(root, "img_db")]
@@ -110,12 +112,13 @@ class Task:
     del config, data, pipe, split
 
   # -- model and update --------------------------------------------------------------------
-  def model_fn(self, model_cfg: UniterConfig, config, data: DataSpec
-               ) -> Callable[[], nnx.Module]:
-    raise NotImplementedError
+  def model_kwargs(self, config, data: DataSpec) -> dict[str, Any]:
+    """Keyword arguments of the model class beyond its UniterConfig (e.g. num_answers)."""
+    del config, data
+    return {}
 
-  def objective(self, config, data: DataSpec, *, group_size: int | None):
-    """A train_step.Objective (or the pretraining StepConfig) for the jitted step."""
+  def objective(self, config, data: DataSpec):
+    """The uniter_jax.train_step.Objective one update optimises."""
     raise NotImplementedError
 
   def step_fields(self, batch: Mapping[str, Any]) -> dict:
@@ -123,14 +126,11 @@ class Task:
     return {k: v for k, v in batch.items()
             if k in batch_lib.FIELDS or k in self.step_extra_fields}
 
-  def log_aux(self) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Per branch name: (logged name, aux name) pairs averaged over the updates that drew it."""
-    return {}
-
   # -- evaluation and predictions ------------------------------------------------------------
-  def evaluator(self, ctx: RunContext) -> Callable[[dict], dict]:
-    """state -> {metric: value} on the held-out split."""
-    raise NotImplementedError
+  def evaluators(self, ctx: RunContext) -> dict[str, Callable[[dict], dict]]:
+    """{name: state -> {metric: value}}; each reads its settings from config.evals.<name>."""
+    del ctx
+    return {}
 
   def predictor(self, ctx: RunContext) -> Callable[[dict], dict]:
     """state -> {"predictions": path, ...}: writes the task's result file for the test split."""

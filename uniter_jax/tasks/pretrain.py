@@ -1,86 +1,164 @@
-"""Pretraining as a task: MLM / MRFR / MRC(-kl) / ITM+WRA mixed per update (spec 3.9)."""
+"""Pretraining as a task: the MLM / MRFR / MRC(-kl) / ITM+WRA mix, one objective per update.
+
+Everything pretraining-specific lives here: its settings (`config.pretrain`), the in-step
+masking and ITM negatives of each branch, the held-out evaluation and the grounding probe.
+The generic step (uniter_jax.train_step) only sees the `Objective` built below.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from uniter_jax import sharding
 from uniter_jax import train_step as step_lib
-from uniter_jax.masking import MaskingConfig
-from uniter_jax.models import UniterConfig, UniterForPretraining
+from uniter_jax.losses import OBJECTIVES, pretrain_loss
+from uniter_jax.masking import (MaskingConfig, apply_objective, mask_focus_words,
+                                with_other_images)
 from uniter_jax.tasks import base, register
 
+# Scalars every pretraining branch reports (0 where an objective does not define one), so
+# that all lax.switch branches return the same structure.
+AUX = ("accuracy", "ot_pos", "ot_neg", "ot_loss", "itm_loss")
 
-def build_model_fn(model_cfg: UniterConfig, seed: int) -> Callable[[], nnx.Module]:
-  return lambda: UniterForPretraining(model_cfg, rngs=nnx.Rngs(params=seed))
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+  """The resolved `config.pretrain`: the mix, masking and WRA options."""
+
+  mix: tuple[tuple[str, float], ...]
+  masking: MaskingConfig
+  ot_lambda: float = 0.1
+  ot_options: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(n for n, _ in self.mix)
 
 
-def masking_config(config, vocab_path: str) -> MaskingConfig:
-  """Special ids read from the vocab by name; random MLM ids start after the last [..] token."""
+def masking_config(p, vocab_path: str) -> MaskingConfig:
+  """MaskingConfig from config.pretrain; special ids are read from the vocab by name.
+
+  Random MLM replacement ids start after the last bracketed ([..]) token.
+  """
   from uniter_jax.data.tokenizer import WordPieceTokenizer  # pylint: disable=import-outside-toplevel
   tok = WordPieceTokenizer(vocab_path)
   bracketed = [i for t, i in tok.vocab.items() if re.fullmatch(r"\[.*\]", t)]
   start = max(bracketed) + 1 if bracketed else 0
   specials = sorted({tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})
   return MaskingConfig(mask_id=tok.mask_id, special_ids=tuple(specials),
-                       random_range=(start, len(tok.vocab)), mlm_prob=config.mlm_prob,
-                       mrm_prob=config.mrm_prob, itm_neg_prob=config.itm_neg_prob,
-                       focus_ids=focus_ids(config, tok.vocab, vocab_path),
-                       focus_prob=config.get("mlm_focus_prob", 1.0))
+                       random_range=(start, len(tok.vocab)), mlm_prob=p.mlm_prob,
+                       mrm_prob=p.mrm_prob, itm_neg_prob=p.itm_neg_prob,
+                       focus_ids=focus_ids(p.mlm_focus_words, tok.vocab, vocab_path),
+                       focus_prob=p.mlm_focus_prob)
 
 
-def focus_ids(config, vocab: dict[str, int], vocab_path: str) -> tuple[int, ...]:
-  """Ids of config.mlm_focus_words (comma-separated whole vocab tokens); () when unset."""
-  words = [w.strip() for w in str(config.get("mlm_focus_words", "") or "").split(",")]
-  words = [w for w in words if w]
-  missing = [w for w in words if w not in vocab]
+def focus_ids(words: str, vocab: dict[str, int], vocab_path: str) -> tuple[int, ...]:
+  """Ids of comma-separated whole vocab tokens (config.pretrain.mlm_focus_words); () if unset."""
+  listed = [w.strip() for w in str(words or "").split(",")]
+  listed = [w for w in listed if w]
+  missing = [w for w in listed if w not in vocab]
   if missing:
-    raise ValueError(f"config.mlm_focus_words: {missing} are not tokens of {vocab_path}; "
-                     "list whole vocab tokens, or set mlm_focus_words='' for official masking")
-  return tuple(sorted(vocab[w] for w in words))
+    raise ValueError(f"config.pretrain.mlm_focus_words: {missing} are not tokens of "
+                     f"{vocab_path}; list whole vocab tokens, or set "
+                     "--config.pretrain.mlm_focus_words='' for the official masking")
+  return tuple(sorted(vocab[w] for w in listed))
 
 
-def step_config(config, data: base.DataSpec, rules, group_size: int | None
-                ) -> step_lib.StepConfig:
-  """The pretraining StepConfig; ITM negatives drawn within groups of `group_size` rows."""
-  tasks = tuple(config.tasks.keys())
-  mask_cfg = masking_config(config, data.vocab)
-  return step_lib.StepConfig(
-      tasks=tasks, ratios=tuple(float(config.tasks[t]) for t in tasks),
-      masking=dataclasses.replace(mask_cfg, itm_group_size=group_size),
-      ot_lambda=config.ot_lambda, ot_options=(("solver", config.ot_solver),),
-      rules=tuple(rules))
+def ot_options(ot) -> tuple[tuple[str, Any], ...]:
+  """config.pretrain.ot -> keyword arguments of uniter_jax.losses.ot.ot_distance."""
+  anneal = (float(ot.eps_anneal_init), float(ot.eps_anneal_decay)) \
+      if ot.eps_anneal_init > 0 else None
+  return (("solver", ot.solver), ("epsilon", float(ot.epsilon)),
+          ("num_iters", int(ot.num_iters) or None), ("eps_anneal", anneal),
+          ("beta", float(ot.ipot_beta)), ("ipot_k", int(ot.ipot_k)))
+
+
+def settings(config, vocab_path: str) -> PretrainSettings:
+  """The resolved pretraining settings of a run config."""
+  p = config.pretrain
+  mix = tuple((str(k), float(v)) for k, v in p.mix.items())
+  unknown = [k for k, _ in mix if k not in OBJECTIVES]
+  if unknown or not mix:
+    raise ValueError(f"config.pretrain.mix: unknown objective(s) {unknown}; use some of "
+                     f"{OBJECTIVES}, e.g. \"--config.pretrain.mix={{'mlm': 1.0}}\"")
+  return PretrainSettings(mix=mix, masking=masking_config(p, vocab_path),
+                          ot_lambda=float(p.ot_lambda), ot_options=ot_options(p.ot))
+
+
+def branch_loss(model, batch, key, deterministic, *, objective: str, s: PretrainSettings):
+  """One pretraining objective: its masking / negatives, then its loss."""
+  k_mask, k_drop = jax.random.split(key)
+  b = apply_objective(k_mask, batch, objective, s.masking)
+  res = pretrain_loss(model, b, objective, deterministic=deterministic, rngs=k_drop,
+                      ot_lambda=s.ot_lambda, **dict(s.ot_options))
+  return res["loss"], {name: jnp.asarray(res.get(name, 0.0), jnp.float32) for name in AUX}
+
+
+def objective(s: PretrainSettings) -> step_lib.Objective:
+  """The pretraining mix as an Objective: one branch per pretraining objective."""
+  names = s.names
+  return step_lib.Objective(
+      names=names, ratios=tuple(r for _, r in s.mix), aux_names=AUX,
+      losses=tuple(functools.partial(branch_loss, objective=n, s=s) for n in names),
+      logged={"itm": (("ot_pos", "ot_pos"), ("ot_neg", "ot_neg"),
+                      ("itm_accuracy_in_batch", "accuracy"))})
+
+
+def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules):
+  """(params, rest, batch, key) -> held-out metrics, every objective on the same batch.
+
+  With focus words, also the grounding probe: every focus word hidden, read once with the
+  caption's own image and once with another image's regions.
+  """
+  loss_fn = step_lib.make_loss_fn(graphdef, objective(s), deterministic=True)
+
+  def evaluate(params, rest, batch, key):
+    with sharding.use_rules(rules):
+      out = {}
+      for i, name in enumerate(s.names):
+        loss, aux = loss_fn(params, rest, batch, i, jax.random.fold_in(key, i))
+        out[f"{name}/loss"] = loss
+        if name in ("mlm", "mrc", "mrckl", "itm"):
+          out[f"{name}/accuracy"] = aux["accuracy"]
+        if name == "itm":
+          out["itm/ot_pos"], out["itm/ot_neg"] = aux["ot_pos"], aux["ot_neg"]
+      if s.masking.focus_ids and "mlm" in s.names:
+        model = nnx.merge(graphdef, params, rest)
+        probe = mask_focus_words(batch, s.masking)
+        for tag, b in (("own_image", probe), ("other_image", with_other_images(probe))):
+          res = pretrain_loss(model, b, "mlm", deterministic=True)
+          out[f"mlm_focus/accuracy_{tag}"] = res["accuracy"]
+      return out
+
+  return evaluate
 
 
 class PretrainTask(base.Task):
-  """UniterForPretraining with the configured task mix; eval = held-out per-task metrics."""
+  """UniterForPretraining with the configured mix; eval = held-out per-objective metrics."""
 
   name = "pretrain"
   model_class = "UniterForPretraining"
   synthetic_splits = ("pretrain_train", "pretrain_val", None)
 
   def needs_soft_labels(self, config) -> bool:
-    return any(t in ("mrc", "mrckl") for t in config.tasks.keys())
+    return any(t in ("mrc", "mrckl") for t in config.pretrain.mix.keys())
 
-  def model_fn(self, model_cfg, config, data):
-    del data
-    return build_model_fn(model_cfg, config.seed)
+  def objective(self, config, data):
+    return objective(settings(config, data.vocab))
 
-  def objective(self, config, data, *, group_size):
-    return step_config(config, data, base.config_rules(config), group_size)
-
-  def log_aux(self):
-    return {"itm": (("ot_pos", "ot_pos"), ("ot_neg", "ot_neg"), ("itm_accuracy", "accuracy"))}
-
-  def evaluator(self, ctx: base.RunContext):
-    """Every task's loss (and accuracy) on the first eval_batches held-out batches."""
-    cfg = step_config(ctx.config, ctx.data, ctx.rules, None)
-    eval_fn = jax.jit(step_lib.make_eval_step(ctx.graphdef, cfg))
+  def evaluators(self, ctx: base.RunContext):
+    """"heldout": every objective's loss (and accuracy) on the first `batches` val batches."""
+    s = settings(ctx.config, ctx.data.vocab)
+    eval_fn = jax.jit(make_eval_step(ctx.graphdef, s, ctx.rules))
     soft = True if self.needs_soft_labels(ctx.config) else None
+    num_batches = ctx.config.evals.heldout.batches
 
     def evaluate(state) -> dict:
       if not ctx.data.val_text_dirs:
@@ -90,7 +168,7 @@ class PretrainTask(base.Task):
       sums: dict[str, float] = {}
       n = 0
       with jax.set_mesh(ctx.mesh):
-        for i, batch in zip(range(ctx.config.eval_batches), pipe):
+        for i, batch in zip(range(num_batches), pipe):
           out = eval_fn(state["params"], state["rest"], step_lib.model_fields(batch),
                         jax.random.PRNGKey(1000 + i))
           for k, v in out.items():
@@ -98,7 +176,7 @@ class PretrainTask(base.Task):
           n += 1
       return {k: v / max(n, 1) for k, v in sums.items()}
 
-    return evaluate
+    return {"heldout": evaluate}
 
 
 register(PretrainTask())

@@ -1,4 +1,5 @@
-"""VQA fine-tuning (spec 6.1): UniterForVqa, soft-score BCE, VQA accuracy, results.json."""
+"""VQA fine-tuning (docs/official.md, *Downstream heads: VQA*): UniterForVqa, soft-score BCE,
+VQA accuracy, results.json."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from flax import nnx
 from uniter_jax import train_step as step_lib
 from uniter_jax.data import format as fmt
 from uniter_jax.evaluators import vqa as vqa_eval
-from uniter_jax.models.vqa import UniterForVqa, vqa_loss
+from uniter_jax.models.vqa import vqa_loss
 from uniter_jax.tasks import base, register
 
 ANS2LABEL = "ans2label.json"
@@ -89,19 +90,14 @@ class VqaTask(base.Task):
       raise fmt.DataError(f"{split} texts use answer id {top}, outside the {n}-answer "
                           "vocabulary; convert the data with the same ans2label.json")
 
-  def model_fn(self, model_cfg, config, data):
-    n = len(self.answers(config, data))
-    return lambda: UniterForVqa(model_cfg, n, rngs=nnx.Rngs(params=config.seed))
+  def model_kwargs(self, config, data):
+    return {"num_answers": len(self.answers(config, data))}
 
-  def objective(self, config, data, *, group_size):
-    del group_size
+  def objective(self, config, data):
     n = len(self.answers(config, data))
     return step_lib.Objective(
         names=("vqa",), losses=(functools.partial(_vqa_branch, num_answers=n),),
-        ratios=(1.0,), aux_names=("score",), rules=base.config_rules(config))
-
-  def log_aux(self):
-    return {"vqa": (("train_score", "score"),)}
+        ratios=(1.0,), aux_names=("score",), logged={"vqa": (("train_score", "score"),)})
 
   # -- evaluation ------------------------------------------------------------------------------
   def _predict_split(self, ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool
@@ -140,7 +136,8 @@ class VqaTask(base.Task):
       ctx.cache["vqa_predict"] = jax.jit(predict)
     return ctx.cache["vqa_predict"]
 
-  def evaluator(self, ctx: base.RunContext):
+  def evaluators(self, ctx: base.RunContext):
+    """"vqa": VQA accuracy (overall and per answer type) on the whole val split."""
     label2ans = self.answers(ctx.config, ctx.data)
 
     def evaluate(state) -> dict:
@@ -154,7 +151,7 @@ class VqaTask(base.Task):
         out["skipped_questions"] = skipped
       return out
 
-    return evaluate
+    return {"vqa": evaluate}
 
   def predictor(self, ctx: base.RunContext):
     label2ans = self.answers(ctx.config, ctx.data)

@@ -6,7 +6,8 @@
       --out uniter-base-roundtrip.pt
 
 The msgpack file holds `flax.serialization.msgpack_serialize` of the pure dict of the
-model's Params; `model_config.json` next to it holds `UniterConfig.to_dict()`. Outputs are
+model's Params; `model_config.json` next to it records the model class, its kwargs and its
+UniterConfig (the same record as a training export, so `uniter_jax.load` reads both). Outputs are
 written through a temp file and a rename, and an existing output is never replaced unless
 `--overwrite` is given.
 """
@@ -14,7 +15,6 @@ written through a temp file and a rename, and an existing output is never replac
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pathlib
 import sys
@@ -22,25 +22,14 @@ from typing import Sequence
 
 from flax import nnx, serialization
 
-from uniter_jax import interop
+from uniter_jax import checkpointing, files, interop
 from uniter_jax.interop import io
-from uniter_jax.models.config import UniterConfig
-
-CONFIG_NAME = "model_config.json"
+from uniter_jax.models import registry
 
 
 def config_path_for(params_path: io.PathLike) -> pathlib.Path:
   """The model_config.json that sits next to a params file."""
-  return pathlib.Path(params_path).with_name(CONFIG_NAME)
-
-
-def _task_of(pure: dict) -> tuple[str, dict]:
-  """Which registered task a params tree belongs to, and its builder kwargs."""
-  if "vqa_output" in pure:
-    return "vqa", {"num_answers": int(pure["vqa_output"]["classifier"]["bias"].shape[0])}
-  if "cls" in pure:
-    return "pretrain", {}
-  raise ValueError(f"cannot tell the task of a params tree with top-level keys {sorted(pure)}")
+  return pathlib.Path(params_path).with_name(checkpointing.MODEL_RECORD)
 
 
 def save_msgpack(model: nnx.Module, out: io.PathLike, *, overwrite: bool = False) -> None:
@@ -51,25 +40,16 @@ def save_msgpack(model: nnx.Module, out: io.PathLike, *, overwrite: bool = False
     if p.exists() and not overwrite:
       raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it")
   data = serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  io.atomic_write(out, lambda f: f.write(data), overwrite=overwrite)
-  text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
-  io.atomic_write(cfg_path, lambda f: f.write(text.encode()), overwrite=overwrite)
+  files.write_bytes(out, data, overwrite=overwrite)
+  checkpointing.write_model_record(str(cfg_path), registry.record(model), overwrite=overwrite)
 
 
-def load_msgpack(path: io.PathLike, config: UniterConfig | io.PathLike | None = None
-                 ) -> nnx.Module:
-  """Rebuilds the model (task read off the params tree) from a converted msgpack file."""
-  path = pathlib.Path(path)
-  if not isinstance(config, UniterConfig):
-    cfg_file = pathlib.Path(config) if config is not None else config_path_for(path)
-    config = UniterConfig.from_dict(json.loads(cfg_file.read_text()))
-  pure = serialization.msgpack_restore(path.read_bytes())
-  task, kwargs = _task_of(pure)
-  spec = interop.TASKS[task]
-  model = nnx.eval_shape(lambda: spec.build(config, {}, nnx.Rngs(0), **kwargs))
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
+def load_msgpack(path: io.PathLike, record: io.PathLike | None = None) -> nnx.Module:
+  """Rebuilds the recorded model (model_config.json beside `path`, or `record`)."""
+  rec_path = str(record) if record is not None else str(config_path_for(path))
+  model = registry.build_from_record(checkpointing.read_model_record(rec_path),
+                                     abstract=True, where=rec_path)
+  checkpointing.load_params_into(model, checkpointing.read_msgpack(str(path)), where=str(path))
   return model
 
 

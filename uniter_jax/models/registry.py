@@ -1,0 +1,72 @@
+"""One model registry: class name -> constructor, used by the trainer, exports and loaders.
+
+A model is recorded as {"model_class", "model_kwargs", "config"} (WORKDIR/model_config.json,
+EXPORT/model_config.json); `build_from_record` rebuilds exactly that model. A new head is
+registered with `register(name, ctor, kwargs_of)` in uniter_jax/models/__init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+
+from uniter_jax.models.config import UniterConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """ctor(config, *, rngs, **kwargs) -> model; kwargs_of(model) -> the kwargs it was built with."""
+
+  ctor: Callable[..., nnx.Module]
+  kwargs_of: Callable[[nnx.Module], dict[str, Any]]
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register(name: str, ctor: Callable[..., nnx.Module],
+             kwargs_of: Callable[[nnx.Module], dict[str, Any]] = lambda m: {}) -> None:
+  """Makes `build(name, ...)` and `build_from_record` construct `ctor`."""
+  _MODELS[name] = ModelEntry(ctor, kwargs_of)
+
+
+def names() -> list[str]:
+  return sorted(_MODELS)
+
+
+def _entry(name: str) -> ModelEntry:
+  if name not in _MODELS:
+    raise ValueError(f"unknown model class {name!r}; registered: {names()}")
+  return _MODELS[name]
+
+
+def build(name: str, config: UniterConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None,
+          **kwargs: Any) -> nnx.Module:
+  """The registered model `name` with fresh parameters (from `rngs`, else params=seed)."""
+  return _entry(name).ctor(config, rngs=rngs or nnx.Rngs(params=seed), **kwargs)
+
+
+def record(model: nnx.Module) -> dict[str, Any]:
+  """What rebuilds `model`: its class name, constructor kwargs and UniterConfig."""
+  name = type(model).__name__
+  return {"model_class": name, "model_kwargs": _entry(name).kwargs_of(model),
+          "config": model.config.to_dict()}
+
+
+def make_record(name: str, config: UniterConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """The record of a model that has not been built yet (the trainer writes it first)."""
+  _entry(name)
+  return {"model_class": name, "model_kwargs": dict(kwargs), "config": config.to_dict()}
+
+
+def build_from_record(rec: Mapping[str, Any], *, abstract: bool = False, where: str = ""
+                      ) -> nnx.Module:
+  """Rebuilds a recorded model (abstract: shapes only, nothing allocated)."""
+  if "model_class" not in rec or "config" not in rec:
+    raise ValueError(f"{where or 'model record'}: expected keys model_class and config "
+                     f"(written by an export or a training run), got {sorted(rec)}")
+  cfg = UniterConfig.from_dict(rec["config"])
+  make = lambda: build(rec["model_class"], cfg, **dict(rec.get("model_kwargs") or {}))  # noqa: E731
+  return nnx.eval_shape(make) if abstract else make()
