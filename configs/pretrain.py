@@ -51,6 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "pretrain"
   # Held-out losses and accuracies of every objective (and the grounding probe).
   c.evals.heldout = ml_collections.ConfigDict(dict(every_steps=600, batches=8))
+  # ITM accuracy / AUC on a fixed balanced set: each held-out caption with its own image and
+  # with another image (uniter_jax/evaluators/itm.py). alarm_evals: say so when the AUC stays
+  # within 0.02 of chance for that many evals in a row (0 = never).
+  c.evals.itm = ml_collections.ConfigDict(dict(every_steps=600, pairs=1000, batch_size=64,
+                                               alarm_evals=3))
 
   if a.variant in ("default", "tiny"):
     # MLM-heavy mix for the small world: MLM is where this model learns to ground words in
@@ -62,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.total_steps, c.checkpoint_every_steps = 1200, 600
     else:  # tests and smoke runs: seconds, not minutes
       c.evals.heldout.update(every_steps=10, batches=2)
+      c.evals.itm.update(every_steps=10, pairs=64, batch_size=32)
   else:
     # Official pretrain-indomain-base-8gpu / pretrain-alldata-large-16gpu, official masking.
     base = a.variant == "base"
@@ -75,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 10_000
     c.total_steps = 200_000 if base else 500_000
     c.evals.heldout.update(every_steps=5000 if base else 10_000, batches=50)
+    c.evals.itm.update(every_steps=5000 if base else 10_000, batch_size=256)
   if a.steps:
     c.total_steps = a.steps
   return c

@@ -3,7 +3,7 @@
 # With --test it also installs requirements-test.txt (torch CPU, transformers, MiniLM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jax, flax, optax, ott, orbax.checkpoint, tensorflow, clu" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jax, flax, optax, ott, orbax.checkpoint, tensorflow, clu, matplotlib" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt

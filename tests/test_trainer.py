@@ -24,7 +24,7 @@ def _config(world, **overrides):
   c.pretrain.mix = {"mlm": 1.0, "itm": 1.0}
   c.pretrain.ot.solver = "ipot"
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 1, 3
-  c.evals.heldout.every_steps = 0
+  c.evals.heldout.every_steps = c.evals.itm.every_steps = 0
   c.mesh = {"data": 4, "fsdp": 2}
   for k, v in overrides.items():
     c[k] = v
@@ -105,6 +105,7 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
          f"--config.data.synthetic={tiny_world}", "--config.total_steps=4",
          "--config.log_every_steps=2", "--config.evals.heldout.every_steps=4",
          "--config.checkpoint_every_steps=4", "--config.evals.heldout.batches=1",
+         "--config.evals.itm.every_steps=4", "--config.evals.itm.pairs=40",
          "--config.data.batch_size=16"]
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -117,6 +118,9 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   assert {"mlm/accuracy", "mrfr/loss", "mrckl/accuracy", "itm/accuracy", "itm/ot_pos"} <= set(ev[0])
   for k in ("mlm_focus/accuracy_own_image", "mlm_focus/accuracy_other_image"):  # grounding probe
     assert 0.0 <= ev[0][k] <= 1.0, (k, ev[0])
+  # The balanced ITM set: 20 captions, each with its own image and with another one.
+  assert ev[0]["itm/pairs"] == 40 and 0.0 <= ev[0]["itm/auc"] <= 1.0
+  assert {"itm/accuracy", "itm/p_match_pos", "itm/p_match_neg", "itm/ot_neg"} <= set(ev[0])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
   bad = subprocess.run(cmd + ["--config.total_stepz=3"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
@@ -130,6 +134,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
   cmd = [sys.executable, "main.py", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
          f"--config.data.synthetic={tiny_world}", "--config.total_steps=100000",
          "--config.log_every_steps=1", "--config.evals.heldout.every_steps=0",
+         "--config.evals.itm.every_steps=0",
          "--config.checkpoint_every_steps=100000", "--config.pretrain.mix={'mlm': 1.0}"]
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

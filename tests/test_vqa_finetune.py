@@ -123,3 +123,26 @@ def test_missing_image_is_counted_in_eval_and_an_error_in_predict(run, tiny_worl
   with pytest.raises(fmt.DataError, match="outside the 5-answer"):
     train.train_and_evaluate(_config(tiny_world, **{"data.ans2label": str(small)}),
                              str(tmp_path / "c"), mode="eval")
+
+
+def test_load_a_workdir_equals_its_export(run, tiny_world):
+  import uniter_jax  # pylint: disable=import-outside-toplevel
+  from helpers import to_jnp  # pylint: disable=import-outside-toplevel
+  workdir, _ = run
+  train.train_and_evaluate(_config(tiny_world, export_overwrite=True), workdir, mode="export")
+  from_orbax = uniter_jax.load(workdir)  # the latest orbax checkpoint, model from the record
+  from_export = uniter_jax.load(os.path.join(workdir, "export"))
+  assert type(from_orbax).__name__ == type(from_export).__name__ == "UniterForVqa"
+  batch = next(iter(train.make_pipeline(
+      _config(tiny_world), [f"{tiny_world}/txt/vqa_val"], [f"{tiny_world}/img_db"], None,
+      (), model_cfg=from_export.config, seed=0, train=False)))
+  batch = to_jnp({k: np.asarray(v) for k, v in batch.items()
+                  if k in ("input_ids", "txt_mask", "img_feat", "img_pos", "img_mask")})
+  a = pytree.flatten(nnx.to_pure_dict(nnx.state(from_orbax, nnx.Param)))
+  b = pytree.flatten(nnx.to_pure_dict(nnx.state(from_export, nnx.Param)))
+  assert set(a) == set(b)
+  for k in a:  # the same parameters, bit for bit
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=str(k))
+  # Outputs agree to float32 rounding (orbax gives jax.Arrays, msgpack NumPy arrays).
+  np.testing.assert_allclose(np.asarray(from_orbax(batch)), np.asarray(from_export(batch)),
+                             rtol=1e-5, atol=1e-6)

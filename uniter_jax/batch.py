@@ -1,6 +1,6 @@
 """The batch contract: every field a model, loss, masking function or pipeline exchanges.
 
-One place documents them; the README copies this table. Shapes use B = batch, Lt = text
+One place documents them; the README's batch-contract table mirrors this one. Shapes use B = batch, Lt = text
 length (padded bucket), Li = region count (padded bucket), D = img_dim, C = img_label_dim.
 
 Layout: the text block (B, Lt) and the region block (B, Li) are each right-padded; the
@@ -35,14 +35,6 @@ FIELDS: dict[str, tuple[str, str, str]] = {
 }
 
 REQUIRED = ("input_ids", "txt_mask", "img_feat", "img_pos", "img_mask")
-
-
-def describe() -> str:
-  """The field table as Markdown (used to keep README and code in sync)."""
-  rows = ["| field | dtype | shape | meaning |", "|---|---|---|---|"]
-  for name, (dtype, shape, meaning) in FIELDS.items():
-    rows.append(f"| `{name}` | {dtype} | {shape} | {meaning} |")
-  return "\n".join(rows)
 
 
 def check(batch: dict) -> None:

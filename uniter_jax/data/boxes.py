@@ -60,6 +60,3 @@ class BoxPolicy:
     if self.num_bb is not None:
       return {"kind": "fixed", "num_bb": self.num_bb}
     return {"kind": "adaptive", "conf_th": self.conf_th, "min_bb": self.min_bb, "max_bb": self.max_bb}
-
-
-KEEP_ALL = None  # pass as policy to keep every stored box.

@@ -56,10 +56,6 @@ class UniterConfig:
                          f"got {getattr(self, name)!r}")
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from uniter_jax import sharding
 from uniter_jax import train_step as step_lib
-from uniter_jax.losses import OBJECTIVES, pretrain_loss
+from uniter_jax.evaluators import itm as itm_eval
+from uniter_jax.losses import OBJECTIVES, ot_distance, pretrain_loss
 from uniter_jax.masking import (MaskingConfig, apply_objective, mask_focus_words,
                                 with_other_images)
 from uniter_jax.tasks import base, register
@@ -140,6 +142,77 @@ def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules):
   return evaluate
 
 
+_TEXT_SIDE = ("input_ids", "txt_mask")
+_IMAGE_SIDE = ("img_feat", "img_pos", "img_mask", "img_ids")
+
+
+def make_itm_scorer(graphdef, s: PretrainSettings, rules: sharding.Rules):
+  """(params, rest, batch) -> (P(match) (B,), WRA OT distance (B,)), deterministic."""
+
+  def score(params, rest, batch):
+    with sharding.use_rules(rules):
+      model = nnx.merge(graphdef, params, rest)
+      out = model.encode(batch, deterministic=True)
+      p = jax.nn.softmax(model.itm_logits(out.pooled), axis=-1)[:, 1]
+      dist = ot_distance(out.txt, out.img, batch["txt_mask"], batch["img_mask"],
+                         **dict(s.ot_options))
+      return p, dist
+
+  return score
+
+
+def balanced_itm_evaluator(ctx: base.RunContext, s: PretrainSettings):
+  """"itm": accuracy / AUC on a fixed balanced held-out pair set (uniter_jax.evaluators.itm).
+
+  The held-out rows are read once (the first config.evals.itm.pairs / 2 captions of the val
+  split); each is scored with its own image and with a fixed other image of a different id.
+  """
+  settings_ = ctx.config.evals.itm
+  score = jax.jit(make_itm_scorer(ctx.graphdef, s, ctx.rules))
+  cache: dict = {}
+  history: list[float] = []
+
+  def pairs() -> dict:
+    if "pairs" not in cache:
+      pipe = ctx.pipeline(ctx.data.val_text_dirs, ctx.data.val_image_dirs, mesh=None,
+                          train=False, drop_remainder=False, num_epochs=1)
+      want, got, batches = settings_.pairs // 2, 0, []
+      for b in pipe:
+        batches.append(b)
+        got += int(np.sum(np.asarray(b["example_index"]) >= 0))
+        if got >= want:
+          break
+      rows = itm_eval.stack_rows(batches, _TEXT_SIDE + _IMAGE_SIDE)
+      text, image, labels = itm_eval.balanced_pairs(rows["img_ids"], settings_.pairs)
+      cache["pairs"] = ({k: rows[k][text] for k in _TEXT_SIDE}
+                        | {k: rows[k][image] for k in _IMAGE_SIDE}, labels)
+    return cache["pairs"]
+
+  def evaluate(state) -> dict:
+    if not ctx.data.val_text_dirs:
+      return {}
+    data, labels = pairs()
+    bs = settings_.batch_size
+    n = len(labels)
+    p_all, d_all = [], []
+    with jax.set_mesh(ctx.mesh):
+      for start in range(0, n, bs):
+        idx = np.arange(start, start + bs) % n  # the last batch wraps; extra rows are dropped
+        batch = {k: v[idx] for k, v in data.items()}
+        p, d = score(state["params"], state["rest"], batch)
+        p_all.append(np.asarray(p)[: n - start])
+        d_all.append(np.asarray(d)[: n - start])
+    out = itm_eval.summarize(np.concatenate(p_all), labels, np.concatenate(d_all))
+    history.append(out["itm/auc"])
+    if itm_eval.chance_alarm(history, settings_.alarm_evals):
+      ctx.say("alarm: held-out ITM AUC has stayed within 0.02 of chance (0.5) for the last %d "
+              "evals (%s): the model is not learning image-text matching", settings_.alarm_evals,
+              ", ".join(f"{a:.3f}" for a in history[-settings_.alarm_evals:]))
+    return out
+
+  return evaluate
+
+
 class PretrainTask(base.Task):
   """UniterForPretraining with the configured mix; eval = held-out per-objective metrics."""
 
@@ -176,7 +249,10 @@ class PretrainTask(base.Task):
           n += 1
       return {k: v / max(n, 1) for k, v in sums.items()}
 
-    return {"heldout": evaluate}
+    out = {"heldout": evaluate}
+    if "itm" in s.names:
+      out["itm"] = balanced_itm_evaluator(ctx, s)
+    return out
 
 
 register(PretrainTask())
