@@ -4,6 +4,7 @@ The config's `task` (pretrain, vqa, ...) picks what runs; see configs/*.py for c
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -36,8 +37,12 @@ def main(argv):
                flax.__version__, jax.process_index(), jax.process_count(), jax.devices())
   from data_prep import synthetic  # pylint: disable=import-outside-toplevel
   from uniter_jax import train  # pylint: disable=import-outside-toplevel
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode,
-                                    make_world=synthetic.ensure_world)
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode,
+                                      make_world=synthetic.ensure_world)
+  except train.RunError as e:  # a user's mistake: the message, not a traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   logging.info("done: %s", result)
 
 

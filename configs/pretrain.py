@@ -13,7 +13,11 @@ The paper's settings (docs/official.md, *Pretraining configs*), with data from d
 Overrides: --config.total_steps=..., --config.model.num_layers=6, --config.model.dtype=bfloat16,
 --config.mesh.fsdp=8, "--config.pretrain.mix={'mlm': 1.0, 'itm': 1.0}",
 --config.pretrain.ot.solver=ipot, --config.evals.heldout.every_steps=200, ...
-Variant arguments: `:tiny` (smallest, for tests), `:default,steps=200`.
+Variant arguments: `:tiny` (smallest, for tests), `:default,steps=200`, and `:curriculum`: the
+default world and model for 2000 updates (about 17 minutes on a 2-core CPU) with an MLM-first
+curriculum, lr 5e-4 and no dropout. Image-text matching reached held-out AUC 0.85 with seed 42
+but only 0.565 with seed 43 (README, *Image-text matching*):
+  python main.py --config=configs/pretrain.py:curriculum --workdir=workdir/pretrain_curriculum
 """
 
 import ml_collections
@@ -26,6 +30,11 @@ def pretrain_settings(mix: dict, focus_words: str = "") -> ml_collections.Config
   """config.pretrain: the objective mix, masking and every WRA / OT option."""
   p = ml_collections.ConfigDict()
   p.mix = ml_collections.ConfigDict(mix)  # objective -> ratio (one objective per update)
+  # Optional curriculum (not in UNITER): warmup_mix for the first warmup_steps updates, then a
+  # linear blend into `mix` over ramp_steps. An empty warmup_mix = `mix` from the start.
+  p.warmup_mix = ml_collections.ConfigDict()
+  p.warmup_steps = 0
+  p.ramp_steps = 0
   p.mlm_prob = 0.15
   # Not in UNITER (off in :base / :large): these words are masked with mlm_focus_prob
   # instead of mlm_prob, as ERNIE-ViL masks scene-graph words. On the synthetic world a
@@ -47,7 +56,7 @@ def pretrain_settings(mix: dict, focus_words: str = "") -> ml_collections.Config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant="default", steps=0)
-  c = common.base(a.variant)
+  c = common.base("default" if a.variant == "curriculum" else a.variant)
   c.task = "pretrain"
   # Held-out losses and accuracies of every objective (and the grounding probe).
   c.evals.heldout = ml_collections.ConfigDict(dict(every_steps=600, batches=8))
@@ -57,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals.itm = ml_collections.ConfigDict(dict(every_steps=600, pairs=1000, batch_size=64,
                                                alarm_evals=3))
 
-  if a.variant in ("default", "tiny"):
+  if a.variant in ("default", "tiny", "curriculum"):
     # MLM-heavy mix for the small world: MLM is where this model learns to ground words in
     # regions (see mlm_focus_words), and ITM + WRA is the costliest step on a CPU.
     c.pretrain = pretrain_settings(
@@ -65,6 +74,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         focus_words=",".join(synthetic_scene.COLOUR_NAMES + synthetic_scene.SHAPES))
     if a.variant == "default":
       c.total_steps, c.checkpoint_every_steps = 1200, 600
+    elif a.variant == "curriculum":
+      # Not UNITER's recipe (which mixes all objectives from the start): ground words first
+      # (MLM-heavy, no ITM) for 500 updates, blend over 100 into an ITM-heavy mix that keeps
+      # some MLM so grounding holds. ITM left chance only after ~1000 ITM updates (seed 42;
+      # later with seed 43).
+      c.pretrain.warmup_mix = ml_collections.ConfigDict({"mlm": 6.0, "mrfr": 1.0, "mrckl": 1.0})
+      c.pretrain.warmup_steps, c.pretrain.ramp_steps = 500, 100
+      c.pretrain.mix = ml_collections.ConfigDict({"mlm": 1.0, "itm": 4.0})
+      c.optimizer.lr = 5e-4
+      c.model.hidden_dropout = c.model.attention_dropout = 0.0
+      c.total_steps, c.checkpoint_every_steps = 2000, 1000
+      c.evals.heldout.every_steps = 500
+      c.evals.itm.every_steps = 250
     else:  # tests and smoke runs: seconds, not minutes
       c.evals.heldout.update(every_steps=10, batches=2)
       c.evals.itm.update(every_steps=10, pairs=64, batch_size=32)

@@ -51,8 +51,12 @@ def plot(workdir: str, out: str) -> str:
   if not rows:
     raise FileNotFoundError(f"{workdir}: no metrics.jsonl (is this a training workdir?)")
   panels = [p for p in PANELS if any(series(rows, k)[0] for k, _ in p[1])]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-  for ax, (title, metrics, ylim) in zip(axes[0], panels):
+  cols = min(3, len(panels))
+  rows_n = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  for ax, (title, metrics, ylim) in zip(axes.flat, panels):
     for key, label in metrics:
       x, y = series(rows, key)
       if x:

@@ -98,13 +98,12 @@ def test_loss_goes_down_on_a_repeated_batch(objective):
   evaluate = jax.jit(pretrain.make_eval_step(graphdef, s, RULES))
   fn = jax.jit(step, out_shardings=(shardings, None), donate_argnums=(0,))
   # Training redraws masks every step; the loss is measured with one fixed draw.
+  key = f"{'itm_in_batch' if objective == 'itm' else objective}/loss"
   with jax.set_mesh(one):
-    before = float(evaluate(state["params"], state["rest"], batch, jax.random.PRNGKey(5))[
-        f"{objective}/loss"])
+    before = float(evaluate(state["params"], state["rest"], batch, jax.random.PRNGKey(5))[key])
     for _ in range(15):
       state, m = fn(state, batch)
-    after = float(evaluate(state["params"], state["rest"], batch, jax.random.PRNGKey(5))[
-        f"{objective}/loss"])
+    after = float(evaluate(state["params"], state["rest"], batch, jax.random.PRNGKey(5))[key])
   assert after < 0.95 * before, (before, after)
 
 
@@ -169,3 +168,27 @@ def test_itm_groups_follow_the_mesh_inside_the_step(mesh, rows):
   whole = np.asarray(apply_objective(jax.random.key(2), jax.device_get(batch), "itm", cfg)
                      ["img_feat"][:, 0, 0]).astype(int)
   assert (whole // group != np.arange(n) // group).any()
+
+
+def test_mix_curriculum_blends_from_the_warmup_mix_into_the_final_mix():
+  s = pretrain.PretrainSettings(mix=(("mlm", 1.0), ("itm", 3.0)), masking=MCFG,
+                                warmup_mix=(("mlm", 6.0), ("mrfr", 2.0)), warmup_steps=100,
+                                ramp_steps=50)
+  assert s.names == ("mlm", "itm", "mrfr")
+  warm, final = np.array([0.75, 0.0, 0.25]), np.array([0.25, 0.75, 0.0])
+  for step, w in ((0, 0.0), (99, 0.0), (100, 0.0), (125, 0.5), (150, 1.0), (10_000, 1.0)):
+    np.testing.assert_allclose(s.ratios_at(step), (1 - w) * warm + w * final, atol=1e-6,
+                               err_msg=str(step))
+  obj = pretrain.objective(s)
+  assert obj.ratios == (1.0, 3.0, 0.0)  # the final mix (FLOP averages)
+  np.testing.assert_allclose(obj.ratios_at(jnp.int32(0)), warm, atol=1e-6)
+  assert obj.single(2).ratio_fn is None
+  # Drawn inside the step: before the ramp ITM (index 1) is never chosen, after it MRFR never.
+  keys = jax.random.split(jax.random.key(0), 400)
+  early = jax.vmap(lambda k: step_lib.draw_branch(k, obj.ratios_at(jnp.int32(10))))(keys)
+  late = jax.vmap(lambda k: step_lib.draw_branch(k, obj.ratios_at(jnp.int32(500))))(keys)
+  assert 1 not in set(np.asarray(early).tolist()) and 2 not in set(np.asarray(late).tolist())
+  assert abs(np.mean(np.asarray(late) == 1) - 0.75) < 0.07
+  no_ramp = dataclasses.replace(s, ramp_steps=0)
+  np.testing.assert_allclose(no_ramp.ratios_at(99), warm, atol=1e-6)
+  np.testing.assert_allclose(no_ramp.ratios_at(100), final, atol=1e-6)

@@ -121,7 +121,8 @@ def test_missing_image_is_counted_in_eval_and_an_error_in_predict(run, tiny_worl
   small = tmp_path / "small_a2l.json"
   small.write_text(json.dumps({a: i for a, i in a2l.items() if i < 5}))
   with pytest.raises(fmt.DataError, match="outside the 5-answer"):
-    train.train_and_evaluate(_config(tiny_world, **{"data.ans2label": str(small)}),
+    train.train_and_evaluate(_config(tiny_world, init_from=workdir,
+                                     **{"data.ans2label": str(small)}),
                              str(tmp_path / "c"), mode="eval")
 
 
@@ -146,3 +147,24 @@ def test_load_a_workdir_equals_its_export(run, tiny_world):
   # Outputs agree to float32 rounding (orbax gives jax.Arrays, msgpack NumPy arrays).
   np.testing.assert_allclose(np.asarray(from_orbax(batch)), np.asarray(from_export(batch)),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_a_workdir_of_another_model_is_refused_before_anything_is_written(run, tiny_world,
+                                                                          tmp_path):
+  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+  workdir, _ = run
+  record = os.path.join(workdir, "model_config.json")
+  before = open(record, "rb").read()
+  other = pretrain_config.get_config("tiny")
+  other.data.synthetic = tiny_world
+  with pytest.raises(train.RunError, match="model class UniterForVqa -> UniterForPretraining"):
+    train.train_and_evaluate(other, workdir)
+  wider = _config(tiny_world)
+  wider.model.num_layers = 3
+  with pytest.raises(train.RunError, match="num_layers 2 -> 3"):
+    train.train_and_evaluate(wider, workdir, mode="eval")
+  assert open(record, "rb").read() == before
+  # eval / predict / export of a workdir with no checkpoint and no init_from: refused.
+  for mode in ("eval", "predict", "export"):
+    with pytest.raises(train.RunError, match="no checkpoint"):
+      train.train_and_evaluate(_config(tiny_world), str(tmp_path / "empty"), mode=mode)

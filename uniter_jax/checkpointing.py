@@ -25,6 +25,15 @@ def make_manager(directory: str, *, max_to_keep: int = 3, async_save: bool = Tru
                                item_names=("state", "data"))
 
 
+def latest_step(directory: str) -> int | None:
+  """The newest checkpoint step under `directory` (None when there is none), read-only."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(d) for d in os.listdir(directory)
+           if d.isdigit() and os.path.isdir(os.path.join(directory, d))]
+  return max(steps) if steps else None
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None,
          *, force: bool = False) -> bool:
   return manager.save(step, args=ocp.args.Composite(

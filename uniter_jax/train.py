@@ -222,6 +222,38 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class RunError(ValueError):
+  """A mistake in how a run was asked for (wrong workdir, no checkpoint): a message, no trace."""
+
+
+# UniterConfig fields that decide parameter shapes (a checkpoint restores only into these).
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "img_dim", "img_label_dim",
+                 "param_dtype", "scan_layers")
+
+
+def check_workdir_record(path: str, rec: dict, has_checkpoint: bool) -> None:
+  """Refuses a workdir whose checkpoints belong to another model; nothing is written before.
+
+  Another model = another class, other kwargs, or a field that changes parameter shapes;
+  numerics and dropout may change between runs of one workdir.
+  """
+  if not (has_checkpoint and os.path.exists(path)):
+    return
+  old = checkpointing.read_model_record(path)
+  old_cfg, new_cfg = old.get("config", {}), rec["config"]
+  diff = [f"{k} {old_cfg.get(k)} -> {new_cfg.get(k)}" for k in _SHAPE_FIELDS
+          if old_cfg.get(k) != new_cfg.get(k)]
+  if old.get("model_class") != rec["model_class"]:
+    diff.insert(0, f"model class {old.get('model_class')} -> {rec['model_class']}")
+  if (old.get("model_kwargs") or {}) != rec["model_kwargs"]:
+    diff.insert(0, f"model kwargs {old.get('model_kwargs')} -> {rec['model_kwargs']}")
+  if diff:
+    raise RunError(f"{os.path.dirname(path)} holds checkpoints of another model "
+                   f"({'; '.join(diff)}; recorded in {path}); use a new --workdir, or the "
+                   "config that made it")
+
+
 def say(msg: str, *args) -> None:
   """Progress for people: printed on process 0 (absl logs stay quiet by default)."""
   text = msg % args if args else msg
@@ -243,7 +275,6 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   Returns a summary dict (train: step, last eval, preempted; eval: metrics; predict: the
   result file and its metrics; export: the msgpack path).
   """
-  os.makedirs(workdir, exist_ok=True)
   task = tasks.get(config.task)
   rules = rules_from(config)
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -255,9 +286,15 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   task.check_data(config, spec)
   model_cfg = model_config_from(config, data_sizes(spec))
   model_kwargs = task.model_kwargs(config, spec)
-  checkpointing.write_model_record(
-      os.path.join(workdir, checkpointing.MODEL_RECORD),
-      registry.make_record(task.model_class, model_cfg, model_kwargs), overwrite=True)
+  record = registry.make_record(task.model_class, model_cfg, model_kwargs)
+  record_path = os.path.join(workdir, checkpointing.MODEL_RECORD)
+  has_checkpoint = checkpointing.latest_step(os.path.join(workdir, "checkpoints")) is not None
+  check_workdir_record(record_path, record, has_checkpoint)
+  if mode != "train" and not has_checkpoint and not config.init_from:
+    raise RunError(f"--mode={mode}: {workdir} has no checkpoint and config.init_from is empty; "
+                   "train first, or pass --config.init_from=PATH")
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.write_model_record(record_path, record, overwrite=True)  # same shapes
 
   # -- Model and sharded state -------------------------------------------------------------
   def model_fn(cfg: UniterConfig = model_cfg):
@@ -278,7 +315,9 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   data_state = None
   if restored is not None:
     state, data_state, at = restored
-    say("resumed from %s at step %d", ckpt.directory, at)
+    say("resumed from %s at step %d%s", ckpt.directory, at,
+        f" (config.init_from={config.init_from} is not used: the workdir's checkpoint is)"
+        if config.init_from else "")
   else:
     state = create_state(init_fn, shardings, mesh, rules)
     if config.init_from:

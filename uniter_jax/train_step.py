@@ -36,6 +36,8 @@ class Objective:
   (the step fills absent ones with 0, so all switch branches share one structure).
   logged: per branch name, (logged metric name, aux name) pairs that the trainer averages over
   the updates that drew that branch.
+  ratio_fn: optional step -> (num_branches,) ratios, for a mix that changes during training
+  (a curriculum); `ratios` are then the final ones (used for FLOP averages).
   """
 
   names: tuple[str, ...]
@@ -43,6 +45,7 @@ class Objective:
   ratios: tuple[float, ...]
   aux_names: tuple[str, ...] = ()
   logged: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+  ratio_fn: Callable[[jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
     if not (len(self.names) == len(self.losses) == len(self.ratios)) or not self.names:
@@ -55,7 +58,13 @@ class Objective:
   def single(self, index: int) -> "Objective":
     """The objective restricted to branch `index` (e.g. to count one branch's FLOPs)."""
     return dataclasses.replace(self, names=(self.names[index],),
-                               losses=(self.losses[index],), ratios=(1.0,))
+                               losses=(self.losses[index],), ratios=(1.0,), ratio_fn=None)
+
+  def ratios_at(self, step: jax.Array) -> jax.Array:
+    """The mix ratios in force at `step` (traced)."""
+    if self.ratio_fn is None:
+      return jnp.asarray(self.ratios, jnp.float32)
+    return jnp.asarray(self.ratio_fn(step), jnp.float32)
 
 
 def model_fields(batch: Mapping[str, Any]) -> dict:
@@ -98,10 +107,10 @@ def make_loss_fn(graphdef, objective: Objective, deterministic: bool = False) ->
   return loss_fn
 
 
-def draw_branch(key: jax.Array, ratios: Sequence[float]) -> jax.Array:
+def draw_branch(key: jax.Array, ratios: Sequence[float] | jax.Array) -> jax.Array:
   """The index of the branch this update runs, drawn with probability ratio / sum."""
   p = jnp.asarray(ratios, jnp.float32)
-  return jax.random.choice(key, len(ratios), p=p / p.sum())
+  return jax.random.choice(key, p.shape[0], p=p / p.sum())
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objective, *,
@@ -121,7 +130,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objec
     with sharding.use_rules(rules):
       key = jax.random.fold_in(state["rng"], state["step"])
       k_branch, k_micro = jax.random.split(key)
-      branch = draw_branch(k_branch, objective.ratios)
+      branch = draw_branch(k_branch, objective.ratios_at(state["step"]))
       micro = batch["input_ids"].ndim == 3
       batches = batch if micro else jax.tree.map(lambda x: x[None], batch)
       n_micro = batches["input_ids"].shape[0]

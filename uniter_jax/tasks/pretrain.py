@@ -38,10 +38,31 @@ class PretrainSettings:
   masking: MaskingConfig
   ot_lambda: float = 0.1
   ot_options: tuple[tuple[str, Any], ...] = ()
+  # Optional curriculum (not in UNITER): `warmup_mix` for the first warmup_steps updates, then
+  # a linear blend of the two mixes' probabilities over ramp_steps, then `mix`.
+  warmup_mix: tuple[tuple[str, float], ...] = ()
+  warmup_steps: int = 0
+  ramp_steps: int = 0
 
   @property
   def names(self) -> tuple[str, ...]:
-    return tuple(n for n, _ in self.mix)
+    names = [n for n, _ in self.mix]
+    return tuple(names + [n for n, _ in self.warmup_mix if n not in names])
+
+  def probabilities(self, which: tuple[tuple[str, float], ...]) -> jax.Array:
+    """A mix as probabilities over `names` (absent objectives get 0)."""
+    r = dict(which)
+    p = jnp.asarray([float(r.get(n, 0.0)) for n in self.names], jnp.float32)
+    return p / p.sum()
+
+  def ratios_at(self, step: jax.Array) -> jax.Array:
+    """The mix probabilities at update `step` (0-based, traced)."""
+    final = self.probabilities(self.mix)
+    if not self.warmup_mix:
+      return final
+    t = (jnp.asarray(step, jnp.float32) - self.warmup_steps) / max(self.ramp_steps, 1)
+    w = jnp.clip(t + (1.0 if self.ramp_steps == 0 else 0.0), 0.0, 1.0)
+    return (1.0 - w) * self.probabilities(self.warmup_mix) + w * final
 
 
 def masking_config(p, vocab_path: str) -> MaskingConfig:
@@ -85,13 +106,21 @@ def ot_options(ot) -> tuple[tuple[str, Any], ...]:
 def settings(config, vocab_path: str) -> PretrainSettings:
   """The resolved pretraining settings of a run config."""
   p = config.pretrain
-  mix = tuple((str(k), float(v)) for k, v in p.mix.items())
-  unknown = [k for k, _ in mix if k not in OBJECTIVES]
-  if unknown or not mix:
-    raise ValueError(f"config.pretrain.mix: unknown objective(s) {unknown}; use some of "
-                     f"{OBJECTIVES}, e.g. \"--config.pretrain.mix={{'mlm': 1.0}}\"")
-  return PretrainSettings(mix=mix, masking=masking_config(p, vocab_path),
-                          ot_lambda=float(p.ot_lambda), ot_options=ot_options(p.ot))
+  mixes = {}
+  for key in ("mix", "warmup_mix"):
+    mix = tuple((str(k), float(v)) for k, v in p.get(key, {}).items())
+    unknown = [k for k, _ in mix if k not in OBJECTIVES]
+    if unknown or (key == "mix" and not mix) or any(v < 0 for _, v in mix) or (
+        mix and sum(v for _, v in mix) <= 0):
+      raise ValueError(f"config.pretrain.{key}: unknown objective(s) {unknown} or bad ratios "
+                       f"{dict(mix)}; use some of {OBJECTIVES} with ratios >= 0, e.g. "
+                       f"\"--config.pretrain.{key}={{'mlm': 1.0}}\"")
+    mixes[key] = mix
+  return PretrainSettings(mix=mixes["mix"], masking=masking_config(p, vocab_path),
+                          ot_lambda=float(p.ot_lambda), ot_options=ot_options(p.ot),
+                          warmup_mix=mixes["warmup_mix"],
+                          warmup_steps=int(p.get("warmup_steps", 0)),
+                          ramp_steps=int(p.get("ramp_steps", 0)))
 
 
 def branch_loss(model, batch, key, deterministic, *, objective: str, s: PretrainSettings):
@@ -106,11 +135,13 @@ def branch_loss(model, batch, key, deterministic, *, objective: str, s: Pretrain
 def objective(s: PretrainSettings) -> step_lib.Objective:
   """The pretraining mix as an Objective: one branch per pretraining objective."""
   names = s.names
+  final = dict(s.mix)
   return step_lib.Objective(
-      names=names, ratios=tuple(r for _, r in s.mix), aux_names=AUX,
+      names=names, ratios=tuple(final.get(n, 0.0) for n in names), aux_names=AUX,
       losses=tuple(functools.partial(branch_loss, objective=n, s=s) for n in names),
       logged={"itm": (("ot_pos", "ot_pos"), ("ot_neg", "ot_neg"),
-                      ("itm_accuracy_in_batch", "accuracy"))})
+                      ("itm_accuracy_in_batch", "accuracy"))},
+      ratio_fn=s.ratios_at if s.warmup_mix else None)
 
 
 def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules):
@@ -126,11 +157,14 @@ def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules):
       out = {}
       for i, name in enumerate(s.names):
         loss, aux = loss_fn(params, rest, batch, i, jax.random.fold_in(key, i))
-        out[f"{name}/loss"] = loss
+        # ITM here uses in-batch negatives, where a swapped image can be the same picture:
+        # labelled as such. The balanced measure is the "itm" evaluator's itm/*.
+        tag = "itm_in_batch" if name == "itm" else name
+        out[f"{tag}/loss"] = loss
         if name in ("mlm", "mrc", "mrckl", "itm"):
-          out[f"{name}/accuracy"] = aux["accuracy"]
+          out[f"{tag}/accuracy"] = aux["accuracy"]
         if name == "itm":
-          out["itm/ot_pos"], out["itm/ot_neg"] = aux["ot_pos"], aux["ot_neg"]
+          out[f"{tag}/ot_pos"], out[f"{tag}/ot_neg"] = aux["ot_pos"], aux["ot_neg"]
       if s.masking.focus_ids and "mlm" in s.names:
         model = nnx.merge(graphdef, params, rest)
         probe = mask_focus_words(batch, s.masking)
@@ -227,7 +261,8 @@ class PretrainTask(base.Task):
     return objective(settings(config, data.vocab))
 
   def evaluators(self, ctx: base.RunContext):
-    """"heldout": every objective's loss (and accuracy) on the first `batches` val batches."""
+    """"heldout": every objective's loss (and accuracy) on the first `batches` val batches;
+    "itm": the balanced image-text matching set (when the mix has ITM)."""
     s = settings(ctx.config, ctx.data.vocab)
     eval_fn = jax.jit(make_eval_step(ctx.graphdef, s, ctx.rules))
     soft = True if self.needs_soft_labels(ctx.config) else None
