@@ -77,6 +77,13 @@ def test_the_library_does_not_import_data_prep():
   assert not offenders, offenders
 
 
+# Names of documents that live outside the repository, spelled in pieces so that this file
+# does not itself cite them.
+OUTSIDE_DOCS = tuple("".join(p) for p in (("uniter", "_spec"), ("ot", "_notes"),
+                                          ("anchors", "_jax"), ("user", "_asks"),
+                                          ("../", "shared")))
+
+
 def test_no_file_cites_documents_outside_the_repository():
   tracked = os.popen(f"git -C {REPO} ls-files").read().split()
   bad = []
@@ -84,7 +91,7 @@ def test_no_file_cites_documents_outside_the_repository():
     if rel.startswith("tests/fixtures/") or not rel.endswith((".py", ".md", ".sh", ".txt")):
       continue
     text = (REPO / rel).read_text(encoding="utf-8", errors="replace")
-    for needle in ("uniter_spec", "ot_notes", "anchors_jax", "user_asks", "../shared"):
-      if needle in text and rel != "tests/test_configs.py":
+    for needle in OUTSIDE_DOCS:
+      if needle in text:
         bad.append(f"{rel}: {needle}")
   assert not bad, bad
