@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+import scipy.stats
 
 PAIR_SEED = 1234  # fixed: the same pairs for every run, seed and checkpoint
 
@@ -47,16 +48,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   pos, neg = scores[labels], scores[~labels]
   if len(pos) == 0 or len(neg) == 0:
     raise ValueError("AUC needs both matched and mismatched pairs")
-  order = np.argsort(scores, kind="mergesort")
-  ranks = np.empty(len(scores))
-  sorted_scores = scores[order]
-  i = 0
-  while i < len(scores):  # average ranks over ties
-    j = i
-    while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-      j += 1
-    ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-    i = j + 1
+  ranks = scipy.stats.rankdata(scores)  # ties share their average rank
   u = ranks[labels].sum() - len(pos) * (len(pos) + 1) / 2.0
   return float(u / (len(pos) * len(neg)))
 
