@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uniter_jax import interop
+from uniter_jax import interop, tasks
 from uniter_jax.losses import pretrain_loss
 from uniter_jax.models.vqa import vqa_loss
 
@@ -66,9 +66,9 @@ def _need(fixture: pathlib.Path, task: str) -> None:
 
 @functools.cache
 def _model(fixture: pathlib.Path, task: str) -> nnx.Module:
-  if task in ANSWER_TASKS:
+  if task in ANSWER_TASKS:  # VE loads as its own task: the 3-answer VQA head
     tensors = {**np.load(fixture / "state_dict.npz"), **np.load(fixture / f"{task}_head.npz")}
-    return interop.load_official_checkpoint(tensors, fixture / "config.json", task="vqa")
+    return interop.load_official_checkpoint(tensors, fixture / "config.json", task=task)
   return interop.load_official_checkpoint(fixture / "state_dict.npz", fixture / "config.json")
 
 
@@ -94,7 +94,7 @@ def _run(fixture: pathlib.Path, task: str) -> dict:
     out = m.encode(b, return_all_layers=True, return_embeddings=True)
     if task in ANSWER_TASKS:
       heads = {"answer_scores": m.answer_logits(out.pooled)}
-      res = {"loss": vqa_loss(m(b), b["targets"])}
+      res = {"loss": tasks.official_loss(task, m, b)}
     else:
       heads = {"mlm": m.mlm_logits(out.txt), "mrfr": m.mrfr_prediction(out.img),
                "mrc": m.mrc_logits(out.img), "itm": m.itm_logits(out.pooled)}
@@ -210,6 +210,8 @@ def test_itm_head_and_losses(fixture, official):
 def test_vqa_head_and_loss(fixture, task, official):
   _need(fixture, task)
   r = _run(fixture, task)
+  assert type(r["model"]).__name__ == {"vqa": "UniterForVqa",
+                                       "ve": "UniterForVisualEntailment"}[task]
   logits = r["heads"]["answer_scores"]
   assert_close(logits, official[f"{task}.answer_scores"], f"{task}.answer_scores")
   t = r["batch"]["targets"].astype(np.float64)

@@ -114,13 +114,18 @@ def load_params_into(model: nnx.Module, pure: dict, *, strict: bool = True,
                      where: str = "") -> list[str]:
   """Copies a pure parameter dict into `model`. Returns the model paths left untouched.
 
-  With strict, a missing or extra parameter is an error naming it; shapes must match.
+  With strict, a missing or extra parameter is an error naming it; shapes must match,
+  except tables the model declares grown from fewer pretrained rows (registry.grow_table).
   Extra top-level heads in `pure` (e.g. pretraining heads when fine-tuning) are allowed
   when strict=False, and parameters the file lacks keep their init.
   """
   state = nnx.state(model, nnx.Param)
   flat_ours = pytree.flatten(nnx.to_pure_dict(state))
   flat_in = pytree.flatten(pure)
+  for k, v in list(flat_in.items()):  # e.g. NLVR2's 3-row type table from a 2-row one
+    grown = registry.grow_table(model, k, v)
+    if grown is not None:
+      flat_in[k] = grown
   missing = sorted(set(flat_ours) - set(flat_in))
   extra = sorted(set(flat_in) - set(flat_ours))
   if strict and (missing or extra):

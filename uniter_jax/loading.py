@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from uniter_jax import checkpointing
@@ -68,5 +69,5 @@ def _load_official(path: str, config: Any, task: str | None, task_kwargs: dict) 
   from uniter_jax import interop  # pylint: disable=import-outside-toplevel
   from uniter_jax.interop import io  # pylint: disable=import-outside-toplevel
   tensors = io.read_tensors(path)
-  task = task or interop.checkpoint.task_of(tensors)
+  task = task or interop.checkpoint.task_of(tensors, {n: np.shape(a) for n, a in tensors.items()})
   return interop.load_official_checkpoint(tensors, config, task=task, **task_kwargs)

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uniter_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, optim
-from uniter_jax import sharding, tasks
+from uniter_jax import pytree, sharding, tasks
 from uniter_jax import train_step as step_lib
 from uniter_jax.models import UniterConfig, registry
 from uniter_jax.tasks.base import DataSpec, MakeWorld, RunContext
@@ -112,8 +112,8 @@ def create_state(init_fn, shardings, mesh, rules):
     return jax.jit(init_fn, out_shardings=shardings)()
 
 
-def _orbax_top_keys(directory: str) -> set[str]:
-  """Top-level parameter groups (e.g. uniter, cls, vqa_output) of an orbax checkpoint."""
+def _orbax_params_meta(directory: str) -> tuple[set[str], dict[tuple[str, ...], tuple]]:
+  """An orbax checkpoint's top-level parameter groups (uniter, cls, ...) and stored shapes."""
   mngr = checkpointing.make_manager(directory, async_save=False)
   step = mngr.latest_step()
   if step is None:
@@ -121,7 +121,9 @@ def _orbax_top_keys(directory: str) -> set[str]:
   mngr.close()
   state_dir = os.path.join(os.path.abspath(directory), str(step), "state")
   meta = checkpointing.ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-  return set(getattr(meta, "tree", meta)["params"].keys())
+  params = getattr(meta, "tree", meta)["params"]
+  shapes = {p: tuple(getattr(m, "shape", ())) for p, m in pytree.flatten(params).items()}
+  return set(params.keys()), shapes
 
 
 def load_init_from(path: str, state: dict, graphdef) -> dict:
@@ -134,16 +136,29 @@ def load_init_from(path: str, state: dict, graphdef) -> dict:
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.msgpack")):
     sub = os.path.join(path, "checkpoints")  # a workdir, or its checkpoints folder
     ckpt_dir = sub if os.path.isdir(sub) else path
-    have = _orbax_top_keys(ckpt_dir)
+    have, stored = _orbax_params_meta(ckpt_dir)
     params = state["params"]
     wanted = nnx.State({k: v for k, v in params.items() if k in have})
-    restored = checkpointing.restore_params_from_orbax(
-        ckpt_dir, checkpointing.abstract_like(wanted))
+    target = checkpointing.abstract_like(wanted)
+    model = nnx.merge(graphdef, params, state["rest"])
+    # A table the model grows from fewer pretrained rows (NLVR2's token types) is restored
+    # in its stored shape, then grown (registry.grow_table).
+    flat_target = pytree.flatten(nnx.to_pure_dict(target))
+    grown = [p for p in (tuple(n.split("/")) for n in getattr(type(model), "GROWN_TABLES", {}))
+             if p in flat_target and p in stored and stored[p][0] < flat_target[p].shape[0]]
+    for p in grown:
+      t = flat_target[p]
+      flat_target[p] = jax.ShapeDtypeStruct(stored[p], t.dtype, sharding=t.sharding)
+    nnx.replace_by_pure_dict(target, pytree.unflatten(flat_target))
+    restored = checkpointing.restore_params_from_orbax(ckpt_dir, target)
+    flat = pytree.flatten(nnx.to_pure_dict(restored))
+    for p in grown:
+      flat[p] = registry.grow_table(model, p, np.asarray(flat[p]))
     kept = sorted(str(k) for k in params.keys() if k not in have)
     if kept:
       logging.info("init_from %s: %s keep their init", path, kept)
-    merged = {**nnx.to_pure_dict(params), **nnx.to_pure_dict(restored)}
-    nnx.replace_by_pure_dict(params, merged)
+    merged = {**pytree.flatten(nnx.to_pure_dict(params)), **flat}
+    nnx.replace_by_pure_dict(params, pytree.unflatten(merged))
     return dict(state, params=jax.device_put(params, shard))
   model = nnx.merge(graphdef, state["params"], state["rest"])
   if path.endswith(".msgpack") or os.path.isdir(path):

@@ -79,14 +79,40 @@ def _answer_head_kwargs(shapes: Mapping[str, tuple], *, num_answers: int | None 
   return {"num_answers": int(num_answers)}
 
 
+def _nlvr2_kwargs(shapes: Mapping[str, tuple], *, variant: str | None = None,
+                  use_img_type: bool = True) -> dict:
+  """The NLVR2 head variant from the checkpoint's tensors, or `variant` for a new head."""
+  found = None
+  if "attn1.in_proj_weight" in shapes:
+    found = "paired-attn"
+  elif "nlvr2_output.weight" in shapes:
+    hidden = shapes.get("uniter.embeddings.word_embeddings.weight", (0, 0))[1]
+    found = "paired" if shapes["nlvr2_output.weight"][1] == 2 * hidden else "triplet"
+  if variant is None:
+    variant = found or "paired-attn"  # the official configs' variant
+  elif found is not None and found != variant:
+    raise CheckpointMismatchError(f"task='nlvr2': the checkpoint holds a {found!r} head, "
+                                  f"not {variant!r}; pass variant={found!r}")
+  return {"variant": variant, "use_img_type": bool(use_img_type)}
+
+
 register_task(TaskSpec("pretrain", "UniterForPretraining", tied=dict(TIED)))
 register_task(TaskSpec("vqa", "UniterForVqa", _answer_head_kwargs, unused=_PRETRAIN_HEADS))
+register_task(TaskSpec("ve", "UniterForVisualEntailment", unused=_PRETRAIN_HEADS))
+register_task(TaskSpec("nlvr2", "UniterForNlvr2", _nlvr2_kwargs, unused=_PRETRAIN_HEADS))
 
 
-def task_of(names: Iterable[str]) -> str:
-  """The registered official task whose head the checkpoint tensor names hold."""
+def task_of(names: Iterable[str], shapes: Mapping[str, tuple] | None = None) -> str:
+  """The registered official task whose head the checkpoint tensor names hold.
+
+  A 3-answer `vqa_output` is SNLI-VE when `shapes` are given (the same head as VQA).
+  """
   names = list(names)
+  if any(n.startswith("nlvr2_output.") for n in names):
+    return "nlvr2"
   if any(n.startswith("vqa_output.") for n in names):
+    if shapes is not None and shapes.get("vqa_output.3.weight", (0,))[0] == 3:
+      return "ve"
     return "vqa"
   return "pretrain"
 
@@ -150,7 +176,9 @@ def official_names(model: nnx.Module) -> dict[str, tuple[tuple[str, ...], int | 
 # Sibling order of the official modules, so a written state dict lists tensors in the order
 # the official `state_dict()` does (names that never share a parent need no relative order).
 _OFFICIAL_ORDER = {n: i for i, n in enumerate((
-    "uniter", "cls", "feat_regress", "region_classifier", "itm_output",
+    "uniter", "cls", "feat_regress", "region_classifier", "itm_output", "vqa_output",
+    "attn1", "attn2", "fc", "attn_pool", "nlvr2_output", "in_proj_weight", "in_proj_bias",
+    "out_proj",
     "embeddings", "img_embeddings", "encoder", "pooler", "layer",
     "word_embeddings", "position_embeddings", "token_type_embeddings", "img_linear",
     "img_layer_norm", "pos_layer_norm", "pos_linear", "mask_embedding",
@@ -283,7 +311,7 @@ def load_into(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   missing parameter not allowed by `allow_missing` (True, or official-name prefixes) and
   every shape mismatch (checkpoint vs model, both in the official torch layout).
   """
-  tensors = _normalize_names(tensors)
+  tensors = _grow_tables(model, _normalize_names(tensors))
   tied = _tied_for(model) if tied is None else {
       a: c for a, c in tied.items() if hasattr(model, a.split(".")[0])}
   allow_missing = _as_prefixes(allow_missing)
@@ -385,6 +413,21 @@ def load_into(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   return report
 
 
+def _grow_tables(model: nnx.Module, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Pretrained tables the model has more rows of, grown as it declares (registry.grow_table)."""
+  out = dict(tensors)
+  for path in getattr(type(model), "GROWN_TABLES", {}):
+    parts = tuple(path.split("/"))
+    name = path_to_official(parts)
+    if name in out:
+      grown = registry.grow_table(model, parts, out[name])
+      if grown is not None:
+        log.info("%s: %d rows grown to %d as the official code does", name,
+                 out[name].shape[0], grown.shape[0])
+        out[name] = grown
+  return out
+
+
 def _ours(arr: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
   arr = np.asarray(arr, np.float32)
   return arr.T if path[-1] == "kernel" else arr
@@ -405,7 +448,8 @@ def load_official_checkpoint(
     model_config: the official config JSON (path or dict, e.g. config/uniter-base.json) or
       a UniterConfig; None reads every size off the weights (released sizes only).
       vocab_size, type_vocab_size, img_dim and img_label_dim follow the weight shapes.
-    task: a registered task ("pretrain" -> UniterForPretraining, "vqa" -> UniterForVqa).
+    task: a registered task ("pretrain" -> UniterForPretraining, "vqa" -> UniterForVqa,
+      "ve" -> UniterForVisualEntailment, "nlvr2" -> UniterForNlvr2).
     allow_missing: True, or official-name prefixes, of parameters that may be absent and
       keep their fresh init (e.g. ["uniter.img_embeddings.", "feat_regress.",
       "region_classifier.", "itm_output."] for the BERT-converted uniter-base-init.pt).
@@ -413,7 +457,9 @@ def load_official_checkpoint(
     rngs: initialisation of parameters left missing (default nnx.Rngs(0)).
     return_report: also return the LoadReport (loaded / tied / ignored / new names).
     torch_weights_only: passed to torch.load for .pt files.
-    **task_kwargs: passed to the task's builder (e.g. num_answers=3129 for "vqa").
+    **task_kwargs: passed to the task's builder (e.g. num_answers=3129 for "vqa";
+      variant="triplet" | "paired" | "paired-attn" and use_img_type for "nlvr2", where the
+      variant is read off the head's tensors when the checkpoint has one).
 
   Returns:
     The model (and the LoadReport when return_report).

@@ -34,6 +34,9 @@ SEQUENTIAL_HEADS: dict[str, tuple[str, dict[str, str]]] = {
     "feat_regress": ("net", {"0": "dense", "2": "LayerNorm"}),
     "region_classifier": ("net", {"0": "dense", "2": "LayerNorm", "3": "classifier"}),
     "vqa_output": ("", {"0": "dense", "2": "LayerNorm", "3": "classifier"}),
+    # NLVR2 paired-attn: `fc.0.*` (Linear(2H, H) -> ReLU -> Dropout) and `attn_pool.fc.0.*`.
+    "fc": ("", {"0": "dense"}),
+    "attn_pool": ("fc", {"0": "dense"}),
 }
 _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings",
                "mask_embedding")
@@ -146,7 +149,8 @@ def _check(cond: bool, what: str) -> None:
     raise ValueError(f"from_official_batch: {what}")
 
 
-def from_official_batch(batch: Mapping[str, Any], *, validate: bool = True
+def from_official_batch(batch: Mapping[str, Any], *, task: str | None = None,
+                        variant: str | None = None, validate: bool = True
                         ) -> dict[str, np.ndarray]:
   """A batch in the official collate layout (compact, `gather_index`) -> our batch fields.
 
@@ -161,6 +165,13 @@ def from_official_batch(batch: Mapping[str, Any], *, validate: bool = True
   With `validate` (default) the redundant official fields are checked against the layout
   derived here (gather_index, position_ids, img_mask_tgt, ot_inputs pads), so a batch in
   some other layout fails loudly instead of giving silently wrong outputs.
+
+  task="nlvr2" returns the pair layout every NLVR2 variant reads (uniter_jax.models.nlvr2):
+  one text row per example and an image axis of 2 (`img_feat` (n, 2, Li, D), `img_mask`,
+  `img_pos`, `img_type_ids`), `targets` (n,) int. A paired batch (nlvr2_paired_collate: 2n
+  rows, row 2i left, 2i+1 right) and a triplet batch (one row, the left image's regions
+  typed 1 then the right's typed 2) are told apart by the number of targets, or by
+  `variant` when the batch has none.
   """
   batch = pytree.flatten(batch, sep=".", drop_none=True)
   ids = _np(batch["input_ids"])
@@ -240,15 +251,66 @@ def from_official_batch(batch: Mapping[str, Any], *, validate: bool = True
       out["itm_targets"] = t.astype(np.int32)
     else:
       out["targets"] = t.astype(np.float32)
+  if task == "nlvr2":
+    return _nlvr2_pairs(out, variant)
+  if task not in (None, "pretrain", "vqa", "ve"):
+    raise ValueError(f"from_official_batch: unknown task {task!r}")
   return out
+
+
+def _nlvr2_pairs(out: dict[str, np.ndarray], variant: str | None) -> dict[str, np.ndarray]:
+  """Official NLVR2 rows (paired: 2n, triplet: n) -> one row per example, image axis of 2."""
+  targets = out.pop("itm_targets", None)
+  rows = out["input_ids"].shape[0]
+  if targets is not None:
+    _check(rows in (len(targets), 2 * len(targets)),
+           f"NLVR2: {rows} rows for {len(targets)} targets (paired batches have 2 rows per "
+           "target, triplet batches 1)")
+    paired = rows == 2 * len(targets)
+  elif variant is None:
+    raise ValueError("from_official_batch(task='nlvr2'): a batch without targets needs "
+                     "variant='triplet', 'paired' or 'paired-attn'")
+  else:
+    paired = variant != "triplet"
+  res = {} if targets is None else {"targets": targets.astype(np.int32)}
+  image_keys = [k for k in ("img_feat", "img_pos", "img_mask", "img_type_ids") if k in out]
+  if paired:
+    _check(rows % 2 == 0, f"NLVR2 paired: an odd number of rows ({rows})")
+    for k in ("input_ids", "txt_mask", "txt_type_ids"):
+      if k in out:
+        _check(bool(np.array_equal(out[k][0::2], out[k][1::2])),
+               f"NLVR2 paired: rows 2i and 2i+1 must hold the same statement ({k} differs)")
+        res[k] = out[k][0::2]
+    for k in image_keys:
+      res[k] = out[k].reshape((rows // 2, 2) + out[k].shape[1:])
+    return res
+  _check("img_type_ids" in out, "NLVR2 triplet: img_type_ids (1 = left, 2 = right image) "
+         "is needed to split the regions of the two images")
+  types, mask = out["img_type_ids"], out["img_mask"]
+  left, right = mask & (types == 1), mask & (types == 2)
+  nl, nr = left.sum(1), right.sum(1)
+  _check(bool(np.all(nl + nr == mask.sum(1))), "NLVR2 triplet: regions typed other than 1/2")
+  li = int(max(nl.max(), nr.max(), 1))
+  for k in ("input_ids", "txt_mask", "txt_type_ids"):
+    if k in out:
+      res[k] = out[k]
+  for k in image_keys:
+    arr = np.zeros((rows, 2, li) + out[k].shape[2:], out[k].dtype)
+    for i in range(rows):
+      _check(bool(left[i, :nl[i]].all() and right[i, nl[i]:nl[i] + nr[i]].all()),
+             f"NLVR2 triplet row {i}: the left image's regions must come first")
+      arr[i, 0, :nl[i]] = out[k][i, :nl[i]]
+      arr[i, 1, :nr[i]] = out[k][i, nl[i]:nl[i] + nr[i]]
+    res[k] = arr
+  return res
 
 
 def to_compact(txt: Any, img: Any, txt_mask: Any, img_mask: Any, length: int | None = None
                ) -> np.ndarray:
   """Our (B, Lt, ...) text block and (B, Li, ...) region block -> the official compact layout.
 
-  Example i's text goes to positions 0..txt_len_i-1 and its regions right after; the rest is
-  zero. `length` defaults to max(txt_len + num_bb). Use it to compare per-position outputs
+  Example i's text goes to positions 0..txt_len_i-1 and its regions (those where img_mask
+  is True, in order) right after; the rest is zero. `length` defaults to max(txt_len + num_bb). Use it to compare per-position outputs
   (sequence_output, embedding_output, all_encoder_layers) with the official code.
   """
   txt, img = np.asarray(txt), np.asarray(img)
@@ -257,6 +319,6 @@ def to_compact(txt: Any, img: Any, txt_mask: Any, img_mask: Any, length: int | N
   length = int((tl + nb).max()) if length is None else length
   out = np.zeros((txt.shape[0], length) + txt.shape[2:], np.result_type(txt, img))
   for i in range(txt.shape[0]):
-    out[i, :tl[i]] = txt[i, :tl[i]]
-    out[i, tl[i]:tl[i] + nb[i]] = img[i, :nb[i]]
+    out[i, :tl[i]] = txt[i][txt_mask[i]]
+    out[i, tl[i]:tl[i] + nb[i]] = img[i][img_mask[i]]
   return out

@@ -4,11 +4,16 @@ from uniter_jax.models import registry
 from uniter_jax.models.config import UniterConfig
 from uniter_jax.models.pretraining import UniterForPretraining
 from uniter_jax.models.uniter import UniterModel, UniterOutput
-from uniter_jax.models.vqa import UniterForVqa
+from uniter_jax.models.nlvr2 import UniterForNlvr2
+from uniter_jax.models.vqa import UniterForVisualEntailment, UniterForVqa
 
 # Every model class a task, an export or a loader may name (a new head adds its line here).
 registry.register("UniterForPretraining", UniterForPretraining)
 registry.register("UniterForVqa", UniterForVqa, lambda m: {"num_answers": m.num_answers})
+registry.register("UniterForVisualEntailment", UniterForVisualEntailment)
+registry.register("UniterForNlvr2", UniterForNlvr2,
+                  lambda m: {"variant": m.variant, "use_img_type": m.use_img_type})
 
-__all__ = ["UniterConfig", "UniterForPretraining", "UniterForVqa", "UniterModel",
-           "UniterOutput", "registry"]
+__all__ = ["UniterConfig", "UniterForNlvr2", "UniterForPretraining",
+           "UniterForVisualEntailment", "UniterForVqa", "UniterModel", "UniterOutput",
+           "registry"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from flax import nnx
 
 from uniter_jax.models.config import UniterConfig
@@ -70,3 +71,27 @@ def build_from_record(rec: Mapping[str, Any], *, abstract: bool = False, where: 
   cfg = UniterConfig.from_dict(rec["config"])
   make = lambda: build(rec["model_class"], cfg, **dict(rec.get("model_kwargs") or {}))  # noqa: E731
   return nnx.eval_shape(make) if abstract else make()
+
+
+def grow_table(model: nnx.Module, path: tuple[str, ...], arr: Any) -> Any | None:
+  """A pretrained table with fewer rows than `model`'s, grown as the model declares.
+
+  A model class lists such tables in GROWN_TABLES {"a/b/embedding": (source row of each
+  target row, None = keep the model's initial row)}, e.g. NLVR2's token types (0, 1, 1) as
+  the official init_type_embedding. Returns None when `path` is not declared or `arr`
+  already has the model's rows (a fine-tuned checkpoint), so callers load it as it is.
+  """
+  rows = getattr(type(model), "GROWN_TABLES", {}).get("/".join(path))
+  if rows is None or np.shape(arr)[0] >= len(rows):
+    return None
+  src = np.asarray(arr)
+  if any(r is not None and r >= src.shape[0] for r in rows):
+    raise ValueError(f"{'/'.join(path)}: cannot grow a {src.shape[0]}-row table to "
+                     f"{len(rows)} rows from source rows {rows}")
+  current = None
+  if None in rows:  # only then read the model's own values (it may be abstract otherwise)
+    node: Any = model
+    for p in path:
+      node = getattr(node, p)
+    current = np.asarray(node[...])
+  return np.stack([src[r] if r is not None else current[i] for i, r in enumerate(rows)])

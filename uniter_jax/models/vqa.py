@@ -18,6 +18,7 @@ from uniter_jax.models.uniter import UniterModel, UniterOutput
 
 # Official answer-vocabulary size (utils/ans2label.json); SNLI-VE uses the same head with 3.
 VQA_NUM_ANSWERS = 3129
+VE_NUM_LABELS = 3
 
 
 class VqaHead(nnx.Module):
@@ -64,6 +65,14 @@ class UniterForVqa(nnx.Module):
     """Batch -> (B, num_answers) answer logits."""
     return self.answer_logits(self.encode(batch, deterministic=deterministic,
                                           rngs=rngs).pooled)
+
+
+class UniterForVisualEntailment(UniterForVqa):
+  """Official `UniterForVisualEntailment`: the VQA model with 3 answers (SNLI-VE labels
+  contradiction 0, entailment 1, neutral 2)."""
+
+  def __init__(self, config: UniterConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, VE_NUM_LABELS, rngs=rngs)
 
 
 def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:

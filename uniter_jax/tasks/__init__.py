@@ -1,6 +1,7 @@
 """Tasks the shared trainer runs: `get(config.task)`; `register(task)` adds one."""
 
 from uniter_jax.tasks.base import DataSpec, RunContext, Task
+from uniter_jax.tasks.official import official_loss
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -13,10 +14,10 @@ def register(task: Task) -> Task:
 
 def get(name: str) -> Task:
   """The task registered under `name` (importing the built-in ones registers them)."""
-  from uniter_jax.tasks import pretrain, vqa  # noqa: F401  pylint: disable=import-outside-toplevel
+  from uniter_jax.tasks import nlvr2, pretrain, ve, vqa  # noqa: F401  pylint: disable=import-outside-toplevel
   if name not in _REGISTRY:
     raise ValueError(f"unknown task {name!r}; registered: {sorted(_REGISTRY)}")
   return _REGISTRY[name]
 
 
-__all__ = ["DataSpec", "RunContext", "Task", "get", "register"]
+__all__ = ["DataSpec", "RunContext", "Task", "get", "official_loss", "register"]

@@ -10,13 +10,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from uniter_jax import train_step as step_lib
 from uniter_jax.data import format as fmt
 from uniter_jax.evaluators import vqa as vqa_eval
 from uniter_jax.models.vqa import vqa_loss
-from uniter_jax.tasks import base, register
+from uniter_jax.tasks import base, classify, register
 
 ANS2LABEL = "ans2label.json"
 
@@ -56,14 +55,6 @@ def read_answers(path: str) -> tuple[str, ...]:
   return tuple(label2ans)
 
 
-def _host(x) -> np.ndarray:
-  """A global array on every host (the eval outputs are small)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 class VqaTask(base.Task):
   """UniterForVqa over the answer vocabulary; lr_mul for the head comes from the config."""
 
@@ -100,41 +91,11 @@ class VqaTask(base.Task):
         ratios=(1.0,), aux_names=("score",), logged={"vqa": (("train_score", "score"),)})
 
   # -- evaluation ------------------------------------------------------------------------------
-  def _predict_split(self, ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool
-                     ) -> tuple[dict[int, int], object]:
+  def _predict_split(self, ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool):
     """Argmax answer id of every question of a split: {text index: answer id}, pipeline."""
-    pipe = ctx.pipeline(text_dirs, image_dirs, train=False, drop_remainder=False,
-                        num_epochs=1, strict=strict)
-    self.check_pipeline(ctx.config, ctx.data, pipe, ",".join(text_dirs))
-    fn = self._predict_fn(ctx)
-    preds: dict[int, int] = {}
-    with jax.set_mesh(ctx.mesh):
-      for batch in pipe:
-        top = _host(fn(state["params"], state["rest"], step_lib.model_fields(batch)))
-        for i, a in zip(_host(batch["example_index"]).tolist(), top.tolist()):
-          if i < 0:  # a padding row of the last batch
-            continue
-          if i in preds:
-            raise RuntimeError(f"question #{i} was predicted twice; the eval pipeline must "
-                               "visit each question once")
-          preds[i] = a
-    expected = set(np.nonzero(pipe.planner.valid)[0].tolist())
-    lost = expected - set(preds)
-    if lost:
-      raise RuntimeError(f"{len(lost)} questions got no prediction (e.g. {sorted(lost)[:5]})")
-    return preds, pipe
-
-  def _predict_fn(self, ctx: base.RunContext):
-    """One jitted argmax per run (kept in ctx.cache: it compiles once per batch shape)."""
-    if "vqa_predict" not in ctx.cache:
-      graphdef = ctx.graphdef
-
-      def predict(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        return jnp.argmax(model(batch, deterministic=True), axis=-1)
-
-      ctx.cache["vqa_predict"] = jax.jit(predict)
-    return ctx.cache["vqa_predict"]
+    return classify.predict_split(
+        ctx, state, text_dirs, image_dirs, strict=strict, what="question",
+        check=lambda pipe, split: self.check_pipeline(ctx.config, ctx.data, pipe, split))
 
   def evaluators(self, ctx: base.RunContext):
     """"vqa": VQA accuracy (overall and per answer type) on the whole val split."""
@@ -145,11 +106,8 @@ class VqaTask(base.Task):
         return {}
       preds, pipe = self._predict_split(ctx, state, ctx.data.val_text_dirs,
                                         ctx.data.val_image_dirs, strict=False)
-      out = vqa_eval.score_split(preds, label2ans, pipe.planner.fields)
-      skipped = int(np.sum(~pipe.planner.valid))
-      if skipped:
-        out["skipped_questions"] = skipped
-      return out
+      return {**vqa_eval.score_split(preds, label2ans, pipe.planner.fields),
+              **classify.skipped(pipe, "questions")}
 
     return {"vqa": evaluate}
 
@@ -157,13 +115,9 @@ class VqaTask(base.Task):
     label2ans = self.answers(ctx.config, ctx.data)
 
     def predict(state) -> dict:
-      split = ctx.config.get("predict_split", "test")
-      dirs = {"test": (ctx.data.test_text_dirs, ctx.data.test_image_dirs),
-              "val": (ctx.data.val_text_dirs, ctx.data.val_image_dirs)}[split]
-      if not dirs[0]:
-        raise ValueError(f"no {split} texts: set --config.data.{split}_text_dirs")
+      split, text_dirs, image_dirs = classify.predict_dirs(ctx)
       # Every question must be answered: a question whose image is missing is an error here.
-      preds, pipe = self._predict_split(ctx, state, *dirs, strict=True)
+      preds, pipe = self._predict_split(ctx, state, text_dirs, image_dirs, strict=True)
       qids = vqa_eval.question_ids(pipe.planner.text_ids, pipe.planner.fields)
       order = sorted(preds)
       path = os.path.join(ctx.workdir, "predictions", split, "results.json")
