@@ -122,7 +122,9 @@ def _orbax_params_meta(directory: str) -> tuple[set[str], dict[tuple[str, ...], 
   state_dir = os.path.join(os.path.abspath(directory), str(step), "state")
   meta = checkpointing.ocp.StandardCheckpointer().metadata(state_dir).item_metadata
   params = getattr(meta, "tree", meta)["params"]
-  shapes = {p: tuple(getattr(m, "shape", ())) for p, m in pytree.flatten(params).items()}
+  # Leaves are stored under a trailing "value" (nnx variable state); paths here omit it.
+  shapes = {p[:-1] if p[-1] == "value" else p: tuple(getattr(m, "shape", ()))
+            for p, m in pytree.flatten(params).items()}
   return set(params.keys()), shapes
 
 

@@ -1,14 +1,19 @@
-"""Does pretraining help? VQA on the synthetic world from random init vs our pretraining.
+"""Does pretraining help? A fine-tuning task on the synthetic world from random init vs our
+pretraining, with the world's chance and text-only baselines beside it.
 
 Runs (each a plain main.py command, so every row can be re-run by hand):
   1. the default pretraining into WORKDIR/pretrain (skipped when its export exists) and,
      with --uniform-masking, the same run with the official uniform MLM masking
      (mlm_focus_words='') into WORKDIR/pretrain_uniform;
-  2. configs/vqa.py from random init and from each pretraining export, once per seed;
-then prints a markdown table of held-out (val) VQA scores (official 10-choose-9 accuracy, and
-the stored soft score, the definition of the text-only baseline in the world's manifest.json).
+  2. configs/TASK.py from random init and from each pretraining export, once per seed
+     (skipped when its eval exists);
+then prints a markdown table of the held-out (val) metrics: the task's main metric per seed and
+their mean, the other metrics averaged, and the chance and text-only rows from the world's
+manifest.json (the text-only method is named there).
 
-  python scripts/vqa_ablation.py --workdir=workdir/ablation --seeds=42,43 --uniform-masking
+  python scripts/finetune_ablation.py --task=vqa --workdir=workdir/ablation --seeds=42,43
+  python scripts/finetune_ablation.py --task=ve --workdir=workdir/ablation --seeds=42,43
+  python scripts/finetune_ablation.py --task=nlvr2 --workdir=workdir/ablation --seeds=42,43
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# task -> its main held-out metric (the one the world's baselines are stated in)
+MAIN_METRIC = {"vqa": "vqa_score", "ve": "ve/accuracy", "nlvr2": "nlvr2/accuracy"}
 
 
 def run(args: list[str]) -> None:
@@ -44,12 +51,15 @@ def last_eval(workdir: str) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--task", choices=sorted(MAIN_METRIC), default="vqa")
   p.add_argument("--workdir", default="workdir/ablation")
   p.add_argument("--seeds", default="42,43", help="fine-tuning seeds (init of the head, data order)")
-  p.add_argument("--vqa-steps", type=int, default=0, help="0 = configs/vqa.py's default")
+  p.add_argument("--steps", type=int, default=0, help="0 = the task config's default")
   p.add_argument("--uniform-masking", action="store_true",
                  help="also pretrain with the official uniform MLM masking")
   p.add_argument("--world", default="data/synthetic")
+  p.add_argument("--extra", default="", help="space-separated main.py flags for every "
+                 "fine-tuning run, e.g. '--config.nlvr2.variant=triplet'")
   a = p.parse_args()
   w = os.path.abspath(a.workdir)
   # row name -> (workdir tag, params to start from)
@@ -58,29 +68,33 @@ def main() -> None:
   if a.uniform_masking:
     inits["pretrained (uniform MLM masking)"] = ("pretrain_uniform", pretrain(
         os.path.join(w, "pretrain_uniform"), ["--config.pretrain.mlm_focus_words="]))
-  vqa_cfg = "configs/vqa.py" + (f":default,steps={a.vqa_steps}" if a.vqa_steps else "")
+  cfg = f"configs/{a.task}.py" + (f":default,steps={a.steps}" if a.steps else "")
   rows = {}
   for name, (tag, init) in inits.items():
     for seed in (int(s) for s in a.seeds.split(",")):
-      wd = os.path.join(w, f"vqa_{tag}_s{seed}")
+      wd = os.path.join(w, f"{a.task}_{tag}_s{seed}")
       if not os.path.exists(os.path.join(wd, "eval", "metrics.jsonl")):
-        run([f"--config={vqa_cfg}", f"--workdir={wd}", f"--config.seed={seed}"]
+        run([f"--config={cfg}", f"--workdir={wd}", f"--config.seed={seed}", *a.extra.split()]
             + ([f"--config.init_from={init}"] if init else []))
       rows.setdefault(name, []).append(last_eval(wd))
   with open(os.path.join(ROOT, a.world, "manifest.json"), encoding="utf-8") as f:
-    text_only = json.load(f)["tasks"]["vqa"]["splits"]["val"]["text_only"]
-  types = sorted(k.split("/")[1] for k in next(iter(rows.values()))[0] if k.startswith("vqa_score/"))
-  print("\n| init | VQA score (val), per seed | mean | soft score, mean | "
-        + " | ".join(types) + " |")
-  print("|---|---|---|---|" + "---|" * len(types))
-  print(f"| text-only baseline (manifest: majority answer per question type) | | | {text_only:.3f} |"
-        + " |" * len(types))
+    info = json.load(f)["tasks"][a.task]
+  val = info["splits"]["val"]
+  main_key = MAIN_METRIC[a.task]
+  others = sorted(k for k in next(iter(rows.values()))[0]
+                  if k != main_key and k != "step" and not k.endswith(("/examples", "questions")))
+  print(f"\n| init | {main_key} (val), per seed | mean | " + " | ".join(others) + " |")
+  print("|---|---|---|" + "---|" * len(others))
+  print("| chance | | {:.3f} |".format(val["chance"]) + " |" * len(others))
+  print(f"| text-only baseline ({info['text_only_method']}) | | {val['text_only']:.3f} |"
+        + " |" * len(others))
   for name, evals in rows.items():
-    scores = [e["vqa_score"] for e in evals]
-    soft = sum(e["soft_score"] for e in evals) / len(evals)
-    per_type = [sum(e[f"vqa_score/{t}"] for e in evals) / len(evals) for t in types]
-    print(f"| {name} | {', '.join(f'{s:.3f}' for s in scores)} | {sum(scores) / len(scores):.3f} | "
-          f"{soft:.3f} | " + " | ".join(f"{v:.3f}" for v in per_type) + " |")
+    main_vals = [e[main_key] for e in evals]
+    means = [sum(e.get(k, float("nan")) for e in evals) / len(evals) for k in others]
+    print(f"| {name} | {', '.join(f'{s:.3f}' for s in main_vals)} | "
+          f"{sum(main_vals) / len(main_vals):.3f} | " + " | ".join(f"{v:.3f}" for v in means)
+          + " |")
+
 
 if __name__ == "__main__":
   main()
