@@ -36,14 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 2.0
   c.evals.nlvr2 = ml_collections.ConfigDict(dict(every_steps=250))  # accuracy on val
 
-  if a.variant == "default":  # the synthetic world's NLVR2 split on a CPU in minutes
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-4, 50
-    c.total_steps, c.log_every_steps = 500, 50
-    c.checkpoint_every_steps = 250
-  elif a.variant == "tiny":  # tests and smoke runs
-    c.optimizer.lr, c.optimizer.warmup_steps = 5e-4, 1
-    c.total_steps, c.log_every_steps = 8, 2
-    c.evals.nlvr2.every_steps = c.checkpoint_every_steps = 8
+  if a.variant in ("default", "tiny"):  # the synthetic world's NLVR2 split; tests
+    common.finetune_schedule(c, a.variant, "nlvr2")
   else:  # official nlvr2-base-1gpu / nlvr2-large-2gpu: token budget per GPU x GPUs
     base = a.variant == "base"
     c.seed = 77 if base else 24

@@ -30,14 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 2.0
   c.evals.ve = ml_collections.ConfigDict(dict(every_steps=250))  # accuracy on val
 
-  if a.variant == "default":  # the synthetic world's VE split on a CPU in minutes
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-4, 50
-    c.total_steps, c.log_every_steps = 500, 50
-    c.checkpoint_every_steps = 250
-  elif a.variant == "tiny":  # tests and smoke runs
-    c.optimizer.lr, c.optimizer.warmup_steps = 5e-4, 1
-    c.total_steps, c.log_every_steps = 8, 2
-    c.evals.ve.every_steps = c.checkpoint_every_steps = 8
+  if a.variant in ("default", "tiny"):  # the synthetic world's VE split; tests
+    common.finetune_schedule(c, a.variant, "ve")
   else:  # official ve-base-2gpu / ve-large-4gpu: token budget per GPU x GPUs, no lr_mul
     base = a.variant == "base"
     c.data.token_budget = 4096 * (2 if base else 4)

@@ -35,14 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.lr_mul = ml_collections.ConfigDict({"vqa_output": 10.0})  # official lr_mul
   c.evals.vqa = ml_collections.ConfigDict(dict(every_steps=250))  # VQA score on val
 
-  if a.variant == "default":  # the synthetic world's VQA split on a CPU in minutes
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-4, 60
-    c.total_steps, c.log_every_steps = 500, 50
-    c.checkpoint_every_steps = 250
-  elif a.variant == "tiny":  # tests and smoke runs
-    c.optimizer.lr, c.optimizer.warmup_steps = 5e-4, 1
-    c.total_steps, c.log_every_steps = 8, 2
-    c.evals.vqa.every_steps = c.checkpoint_every_steps = 8
+  if a.variant in ("default", "tiny"):  # the synthetic world's VQA split; tests
+    common.finetune_schedule(c, a.variant, "vqa", warmup_steps=60)
   else:  # official vqa-base-4gpu / vqa-large-8gpu: token budget per GPU x GPUs
     base = a.variant == "base"
     c.data.token_budget = 5120 * 4 if base else 3072 * 8

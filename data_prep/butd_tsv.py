@@ -14,7 +14,6 @@ without a confidence column every box gets 1.0 and only --max-bb / --num-bb cut.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import csv
@@ -114,13 +113,13 @@ def read_tsv(path: str, fields: tuple[str, ...] | None = None) -> Iterator[dict]
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.butd_tsv", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.butd_tsv", __doc__)
   parser.add_argument("--tsv", nargs="+", required=True, help="TSV file(s)")
   parser.add_argument("--fields", default=None, help="comma-separated column names (default: by column count)")
   common.add_box_args(parser)
   common.add_output_args(parser)
   args = parser.parse_args(argv)
+  common.check_inputs("--tsv", args.tsv)
   fields = tuple(args.fields.split(",")) if args.fields else None
 
   def records():
@@ -139,4 +138,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(common.run_cli(main))

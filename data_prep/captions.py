@@ -12,14 +12,13 @@ dataset (Python format syntax, e.g. 'coco_train2014_{image_id:012d}' for officia
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 from data_prep import common
 from uniter_jax.data import format as fmt
-from uniter_jax.data.tokenizer import WordPieceTokenizer
 
 
 def read_annotations(path: str) -> Iterator[dict]:
@@ -60,18 +59,15 @@ def format_image_id(template: str, image_id, where: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.captions", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.captions", __doc__)
   parser.add_argument("--annotations", nargs="+", required=True, help="COCO captions JSON or JSONL file(s)")
-  parser.add_argument("--vocab", required=True, help="BERT vocab.txt (e.g. bert-base-cased's)")
-  parser.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (uncased vocabs only)")
+  common.add_vocab_args(parser)
   parser.add_argument("--image-id-template", default="{image_id}", help="image id format (default '{image_id}')")
   parser.add_argument("--keep-text", action="store_true", help="also store the caption string as field 'text'")
-  parser.add_argument("--out", required=True, help="output dataset folder (must not exist unless --overwrite)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-  parser.add_argument("--skip-bad", action="store_true", help="skip captions that tokenise to nothing (counted)")
+  common.add_output_args(parser, images=False, skip_bad="skip captions that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
-  tok = WordPieceTokenizer(args.vocab, lowercase=args.lowercase)
+  common.check_inputs("--annotations", args.annotations)
+  tok = common.load_tokenizer(args.vocab, args.lowercase)
 
   def records():
     for path in args.annotations:
@@ -95,4 +91,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(common.run_cli(main))

@@ -44,13 +44,11 @@ stderr, exit status 1.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from collections.abc import Iterator
 
 from data_prep import common
-from data_prep.snli_ve import check_out, count_skip, iter_jsonl, load_tokenizer, require, run_cli
 from uniter_jax.data import format as fmt
 from uniter_jax.data.tokenizer import WordPieceTokenizer
 
@@ -79,31 +77,26 @@ def parse_label(value, where: str) -> int | None:
 
 def read_nlvr2(path: str) -> Iterator[dict]:
   """{where, identifier, sentence, target (int or None)} for each line of an NLVR2 JSON-lines file."""
-  for _, where, obj in iter_jsonl(path):
-    identifier = require(obj, "identifier", where)
+  for _, where, obj in common.iter_jsonl(path):
+    identifier = common.require(obj, "identifier", where)
     if "-" not in identifier.strip("-"):
       raise fmt.DataError(
           f"{where}: identifier {identifier!r} is not of the form split-set_id-pair_id-sentence_id "
           "(e.g. dev-850-0-0); the image names are derived from it"
       )
-    yield {"where": where, "identifier": identifier, "sentence": require(obj, "sentence", where),
+    yield {"where": where, "identifier": identifier, "sentence": common.require(obj, "sentence", where),
            "target": parse_label(obj.get("label"), where)}
 
 
 def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_prefix: str = DEFAULT_IMAGE_PREFIX,
             allow_unlabelled: bool = False, overwrite: bool = False, skip_bad: bool = False) -> dict:
   """Writes the NLVR2 texts of `paths` to `out`; returns the manifest."""
-  check_out(out, overwrite)
+  common.check_out(out, overwrite)
   # Parse and check every line first: input mistakes fail fast, before anything is written.
   recs, seen = [], {}
   for path in paths:
     for r in read_nlvr2(path):
-      if r["identifier"] in seen:
-        raise fmt.DataError(
-            f"{r['where']}: identifier {r['identifier']!r} already appeared at {seen[r['identifier']]}; ids "
-            "must be unique (drop the repeated line, or do not pass the same file twice)"
-        )
-      seen[r["identifier"]] = r["where"]
+      common.check_unique(seen, r["identifier"], r["where"], "identifier")
       recs.append(r)
   if not recs:
     raise fmt.DataError(f"no lines in {paths}: nothing to convert; check the --annotations paths")
@@ -119,16 +112,10 @@ def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_prefix
                          source="data_prep.nlvr2", extra={"source": source}) as w:
     for r in recs:
       if r["target"] is None and not allow_unlabelled:
-        count_skip(w, "no_label", r["identifier"])
+        common.count_skip(w, "no_label", r["identifier"])
         continue
-      ids = tok.encode(r["sentence"])
-      if not ids:
-        if not skip_bad:
-          raise fmt.DataError(
-              f"{r['where']}: sentence {r['sentence']!r} tokenises to nothing; fix the line, or pass "
-              "--skip-bad to skip such lines (counted in the manifest)"
-          )
-        count_skip(w, "empty_text", r["identifier"])
+      ids = common.encode_text(tok, w, r["sentence"], where=r["where"], field="sentence", name=r["identifier"])
+      if ids is None:
         continue
       target = UNLABELLED if r["target"] is None else r["target"]
       w.add_text({"id": r["identifier"], "image_id": image_ids(r["identifier"], image_prefix), "input_ids": ids,
@@ -142,26 +129,22 @@ def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_prefix
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.nlvr2", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.nlvr2", __doc__)
   parser.add_argument("--annotations", nargs="+", required=True,
                       help="NLVR2 JSON-lines file(s): train.json, dev.json, test1.json")
-  parser.add_argument("--vocab", required=True, help="BERT vocab.txt (e.g. bert-base-cased's)")
-  parser.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (uncased vocabs only)")
+  common.add_vocab_args(parser)
   parser.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX,
                       help=f"prefix of both image ids (default {DEFAULT_IMAGE_PREFIX!r}, the official UNITER img_db's "
                       "nlvr2_dev-850-0-img0; '' for dev-850-0-img0)")
   parser.add_argument("--allow-unlabelled", action="store_true",
                       help="keep lines without a label, with target -1 (to predict on a test set); "
                       "default: skip them, counted under skipped.no_label")
-  parser.add_argument("--out", required=True, help="output dataset folder (must not exist unless --overwrite)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-  parser.add_argument("--skip-bad", action="store_true", help="skip sentences that tokenise to nothing (counted)")
+  common.add_output_args(parser, images=False, skip_bad="skip sentences that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
-  tok = load_tokenizer(args.vocab, args.lowercase)
+  tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(args.annotations, args.out, tok, image_prefix=args.image_prefix,
                  allow_unlabelled=args.allow_unlabelled, overwrite=args.overwrite, skip_bad=args.skip_bad)
 
 
 if __name__ == "__main__":
-  sys.exit(run_cli(main))
+  sys.exit(common.run_cli(main))

@@ -9,9 +9,9 @@ is the file name without ".npz" (e.g. coco_val2014_000000000042), as in the offi
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 
@@ -47,13 +47,13 @@ def read_npz_dir(folder: str, soft_labels: bool = True) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.npz_dir", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.npz_dir", __doc__)
   parser.add_argument("--dir", required=True, help="folder of per-image .npz files")
   parser.add_argument("--no-soft-labels", action="store_true", help="do not store soft_labels")
   common.add_box_args(parser)
   common.add_output_args(parser)
   args = parser.parse_args(argv)
+  common.check_inputs("--dir", [args.dir], folders=True)
   manifest = fmt.write_dataset(
       args.out, images=read_npz_dir(args.dir, soft_labels=not args.no_soft_labels), overwrite=args.overwrite,
       skip_bad=args.skip_bad, shard_mb=args.shard_mb, box_policy=common.box_policy(args),
@@ -65,4 +65,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(common.run_cli(main))

@@ -37,9 +37,7 @@ status 1.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -52,72 +50,15 @@ from uniter_jax.data.tokenizer import WordPieceTokenizer
 LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}
 NO_GOLD = ("", "-")
 _IMAGE_KEYS = ("Flikr30kID", "Flickr30kID")
-_MAX_EXAMPLES = 10  # ids listed per skip reason, as the writer does
-
-
-def iter_jsonl(path: str) -> Iterator[tuple[int, str, dict]]:
-  """(line number, where, object) for each non-blank line of a JSON-lines file; where = 'PATH line N'."""
-  try:
-    f = open(path, encoding="utf-8-sig")  # utf-8-sig: tolerate a byte-order mark
-  except OSError as e:
-    raise fmt.DataError(f"{path}: cannot open ({e.strerror}); check the --annotations path") from None
-  with f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {line_no}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise fmt.DataError(
-            f"{where}: not valid JSON ({e.msg} at column {e.colno}); the file must hold one JSON object "
-            "per line (re-download it if it is truncated)"
-        ) from None
-      if not isinstance(obj, dict):
-        raise fmt.DataError(f"{where}: a JSON {type(obj).__name__}, expected one JSON object per line")
-      yield line_no, where, obj
-
-
-def require(obj: dict, key: str, where: str, kind: type = str):
-  """obj[key], or an error naming the line and the key."""
-  if key not in obj:
-    raise fmt.DataError(f"{where}: no {key!r} key (the line has {sorted(obj)}); is this the right file?")
-  value = obj[key]
-  if not isinstance(value, kind):
-    raise fmt.DataError(f"{where}: {key!r} is {value!r}, expected a {kind.__name__}")
-  return value
-
-
-def count_skip(writer: fmt.DatasetWriter, reason: str, name: str) -> None:
-  """Counts a skipped input record in the manifest's 'skipped' / 'skipped_examples'."""
-  writer.skipped[reason] = writer.skipped.get(reason, 0) + 1
-  examples = writer.skip_examples.setdefault(reason, [])
-  if len(examples) < _MAX_EXAMPLES:
-    examples.append(name)
-
-
-def load_tokenizer(vocab: str, lowercase: bool) -> WordPieceTokenizer:
-  try:
-    return WordPieceTokenizer(vocab, lowercase=lowercase)
-  except (OSError, ValueError) as e:
-    raise fmt.DataError(f"--vocab {vocab}: {e}") from None
-
-
-def check_out(out: str, overwrite: bool) -> None:
-  """Refuses an existing --out before any input is read (the writer checks again)."""
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(
-        f"output folder {os.path.abspath(out)} exists; pick another --out or pass --overwrite to replace it"
-    )
 
 
 def read_snli_ve(path: str) -> Iterator[dict]:
   """{where, id, flickr_id, hypothesis, label (str or None)} for each line of an SNLI-VE jsonl file."""
   base = os.path.basename(path)
-  for line_no, where, obj in iter_jsonl(path):
+  for line_no, where, obj in common.iter_jsonl(path):
     key = next((k for k in _IMAGE_KEYS if k in obj), _IMAGE_KEYS[0])
-    flickr = require(obj, key, where)
-    hypothesis = require(obj, "sentence2", where)
+    flickr = common.require(obj, key, where)
+    hypothesis = common.require(obj, "sentence2", where)
     pid = obj.get("pairID")
     label = obj.get("gold_label")
     if label is not None and not isinstance(label, str):
@@ -134,7 +75,7 @@ def read_snli_ve(path: str) -> Iterator[dict]:
 def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_id_template: str = "{image_id}",
             overwrite: bool = False, skip_bad: bool = False) -> dict:
   """Writes the SNLI-VE texts of `paths` to `out`; returns the manifest."""
-  check_out(out, overwrite)
+  common.check_out(out, overwrite)
   # Parse and check every line first: input mistakes fail fast, before anything is written.
   recs, seen = [], {}
   for path in paths:
@@ -145,12 +86,7 @@ def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_id_tem
             f"{r['where']}: unknown gold_label {label!r}; expected one of {sorted(LABELS)} "
             "(or '-' / empty for no gold label, which is skipped)"
         )
-      if r["id"] in seen:
-        raise fmt.DataError(
-            f"{r['where']}: pairID {r['id']!r} already appeared at {seen[r['id']]}; ids must be unique "
-            "(drop the repeated line, or do not pass the same file twice)"
-        )
-      seen[r["id"]] = r["where"]
+      common.check_unique(seen, r["id"], r["where"], "pairID")
       r["image_id"] = format_image_id(image_id_template, r["flickr_id"], r["where"])
       recs.append(r)
   if not recs:
@@ -161,16 +97,10 @@ def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_id_tem
                          extra={"source": {"annotations": list(paths), "image_id_template": image_id_template}}) as w:
     for r in recs:
       if r["label"] is None or r["label"].strip() in NO_GOLD:
-        count_skip(w, "no_gold_label", r["id"])
+        common.count_skip(w, "no_gold_label", r["id"])
         continue
-      ids = tok.encode(r["hypothesis"])
-      if not ids:
-        if not skip_bad:
-          raise fmt.DataError(
-              f"{r['where']}: sentence2 {r['hypothesis']!r} tokenises to nothing; fix the line, or pass "
-              "--skip-bad to skip such lines (counted in the manifest)"
-          )
-        count_skip(w, "empty_text", r["id"])
+      ids = common.encode_text(tok, w, r["hypothesis"], where=r["where"], field="sentence2", name=r["id"])
+      if ids is None:
         continue
       w.add_text({"id": r["id"], "image_id": r["image_id"], "input_ids": ids,
                   "target": LABELS[r["label"]], "hypothesis": r["hypothesis"]})
@@ -182,32 +112,18 @@ def convert(paths: list[str], out: str, tok: WordPieceTokenizer, *, image_id_tem
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.snli_ve", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.snli_ve", __doc__)
   parser.add_argument("--annotations", nargs="+", required=True, help="SNLI-VE jsonl file(s), e.g. snli_ve_train.jsonl")
-  parser.add_argument("--vocab", required=True, help="BERT vocab.txt (e.g. bert-base-cased's)")
-  parser.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (uncased vocabs only)")
+  common.add_vocab_args(parser)
   parser.add_argument("--image-id-template", default="{image_id}",
                       help="image id format applied to the Flickr30k number (default '{image_id}': 2248275918; "
                       "'flickr30k_{image_id:012d}' for the official UNITER img_db)")
-  parser.add_argument("--out", required=True, help="output dataset folder (must not exist unless --overwrite)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-  parser.add_argument("--skip-bad", action="store_true", help="skip hypotheses that tokenise to nothing (counted)")
+  common.add_output_args(parser, images=False, skip_bad="skip hypotheses that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
-  tok = load_tokenizer(args.vocab, args.lowercase)
+  tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(args.annotations, args.out, tok, image_id_template=args.image_id_template,
                  overwrite=args.overwrite, skip_bad=args.skip_bad)
 
 
-def run_cli(main_fn, argv: list[str] | None = None) -> int:
-  """Runs a converter's main; input mistakes become one 'error: ...' line on stderr and status 1."""
-  try:
-    main_fn(argv)
-  except (fmt.DataError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(run_cli(main))
+  sys.exit(common.run_cli(main))

@@ -19,7 +19,6 @@ dropped and listed. Image ids drop the ".npz" suffix in both DBs, so they still 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -230,9 +229,7 @@ def tokenizer_info(meta: dict, vocab: str | None) -> dict:
   if meta.get("v_range"):
     info["vocab_size"] = meta["v_range"][1]
   if vocab:
-    from uniter_jax.data.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
-
-    tok = WordPieceTokenizer(vocab, lowercase="uncased" in str(info["name"] or ""))
+    tok = common.load_tokenizer(vocab, lowercase="uncased" in str(info["name"] or ""))
     for k in ("cls_id", "sep_id", "mask_id"):
       if info[k] != getattr(tok, k):
         raise fmt.DataError(f"--vocab {vocab}: {k} is {getattr(tok, k)}, the txt_db's meta.json says {info[k]}; wrong vocab")
@@ -241,8 +238,7 @@ def tokenizer_info(meta: dict, vocab: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.uniter_db", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.uniter_db", __doc__)
   parser.add_argument("--img-db", default=None, help="official img_db folder (or the LMDB inside it)")
   parser.add_argument("--db-name", default=None, help="LMDB name inside --img-db (e.g. feat_th0.2_max100_min10)")
   parser.add_argument("--txt-db", nargs="*", default=[], help="official txt_db folder(s); their texts go to --out too")
@@ -291,4 +287,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(common.run_cli(main))

@@ -28,13 +28,13 @@ labels (answer ids), scores (soft scores), answer_type and question_type (when a
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import sys
 from collections.abc import Iterator
 
+from data_prep import common
 from data_prep.captions import format_image_id
 from uniter_jax.data import format as fmt
 from uniter_jax.data.tokenizer import WordPieceTokenizer
@@ -152,14 +152,12 @@ def convert(recs: list[dict], out: str, tok: WordPieceTokenizer, ans2label: dict
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.vqa", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.make_parser("data_prep.vqa", __doc__)
   parser.add_argument("--questions", nargs="*", default=[], help="VQA v2 questions JSON file(s)")
   parser.add_argument("--annotations", nargs="*", default=[],
                       help="the matching annotations JSON file(s) (none: questions only, e.g. test)")
   parser.add_argument("--vg-qa", nargs="*", default=[], help="Visual Genome question_answers.json")
-  parser.add_argument("--vocab", required=True, help="BERT vocab.txt")
-  parser.add_argument("--lowercase", action="store_true", help="uncased vocabs only")
+  common.add_vocab_args(parser)
   parser.add_argument("--image-id-template", default="{image_id}",
                       help="image id format, e.g. 'coco_train2014_{image_id:012d}'")
   parser.add_argument("--ans2label", default="", help="answer vocabulary to use (JSON answer -> id)")
@@ -167,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                       help="without --ans2label: keep answers that top this many questions")
   parser.add_argument("--eval", action="store_true",
                       help="keep questions without an in-vocabulary answer (val / test splits)")
-  parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-  parser.add_argument("--overwrite", action="store_true")
+  common.add_output_args(parser, images=False, skip_bad=None)
   args = parser.parse_args(argv)
   if args.annotations and len(args.annotations) != len(args.questions):
     parser.error("give one --annotations file per --questions file (or none)")
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     ans2label = build_ans2label(recs, args.min_answer_count)
   else:
     parser.error("questions without annotations need --ans2label (the training vocabulary)")
-  tok = WordPieceTokenizer(args.vocab, lowercase=args.lowercase)
+  tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(recs, args.out, tok, ans2label, image_id_template=args.image_id_template,
                  train=not args.eval, overwrite=args.overwrite,
                  source={"questions": args.questions, "annotations": args.annotations,
@@ -191,4 +188,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(common.run_cli(main))

@@ -7,9 +7,9 @@ Runs (each a plain main.py command, so every row can be re-run by hand):
      (mlm_focus_words='') into WORKDIR/pretrain_uniform;
   2. configs/TASK.py from random init and from each pretraining export, once per seed
      (skipped when its eval exists);
-then prints a markdown table of the held-out (val) metrics: the task's main metric per seed and
-their mean, the other metrics averaged, and the chance and text-only rows from the world's
-manifest.json (the text-only method is named there).
+then prints the world's chance and text-only baselines (manifest.json, which names the
+text-only method) and a markdown table of the held-out (val) metrics: the task's main metric
+per seed and their mean, the other metrics averaged over seeds.
 
   python scripts/finetune_ablation.py --task=vqa --workdir=workdir/ablation --seeds=42,43
   python scripts/finetune_ablation.py --task=ve --workdir=workdir/ablation --seeds=42,43
@@ -83,11 +83,11 @@ def main() -> None:
   main_key = MAIN_METRIC[a.task]
   others = sorted(k for k in next(iter(rows.values()))[0]
                   if k != main_key and k != "step" and not k.endswith(("/examples", "questions")))
+  print(f"\nbaselines on val from {a.world}/manifest.json (its metric {info['metric']!r}): "
+        f"chance {val['chance']:.3f}, text-only {val['text_only']:.3f} "
+        f"({info['text_only_method']})")
   print(f"\n| init | {main_key} (val), per seed | mean | " + " | ".join(others) + " |")
   print("|---|---|---|" + "---|" * len(others))
-  print("| chance | | {:.3f} |".format(val["chance"]) + " |" * len(others))
-  print(f"| text-only baseline ({info['text_only_method']}) | | {val['text_only']:.3f} |"
-        + " |" * len(others))
   for name, evals in rows.items():
     main_vals = [e[main_key] for e in evals]
     means = [sum(e.get(k, float("nan")) for e in evals) / len(evals) for k in others]

@@ -42,3 +42,20 @@ def random_batch(seed: int, b: int = 4, lt: int = 9, li: int = 6, *, cfg: Uniter
 
 def to_jnp(batch: dict) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def world_config(config_module, world: str, **overrides):
+  """A task config's tiny variant on a synthetic world and the (data 4, fsdp 2) mesh.
+
+  Overrides are `key=value` or `section.key=value` (e.g. `**{"data.val_text_dirs": d}`).
+  """
+  c = config_module.get_config("tiny")
+  c.data.synthetic = world
+  c.mesh = {"data": 4, "fsdp": 2}
+  for k, v in overrides.items():
+    if "." in k:
+      a, b = k.split(".")
+      c[a][b] = v
+    else:
+      c[k] = v
+  return c

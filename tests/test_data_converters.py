@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from data_prep import butd_tsv, captions, npz_dir, uniter_db
+from data_prep import butd_tsv, captions, common, npz_dir, uniter_db
 from uniter_jax.data import DataError, iter_image_records, iter_text_records, read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,8 +219,37 @@ def test_captions_coco_json_and_jsonl(tmp_path):
   assert t["image_id"] == "x1" and t["text"] == "Dog runs" and t["input_ids"].tolist() == [v["Dog"], v["runs"]]
 
 
-@pytest.mark.parametrize("name", ["butd_tsv", "uniter_db", "npz_dir", "captions"])
+@pytest.mark.parametrize("name", ["butd_tsv", "uniter_db", "npz_dir", "captions", "vqa"])
 def test_cli_help(name):
   out = subprocess.run([sys.executable, "-m", f"data_prep.{name}", "--help"], cwd=ROOT, capture_output=True,
                        text=True, check=True)
   assert "--out" in out.stdout
+
+
+def test_cli_input_mistake_is_one_error_line(tmp_path):
+  # Every converter's __main__ goes through common.run_cli: a missing input is one line, status 1.
+  (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+  missing = tmp_path / "missing.json"
+  r = subprocess.run([sys.executable, "-m", "data_prep.captions", "--annotations", str(missing), "--vocab",
+                      str(tmp_path / "vocab.txt"), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                     text=True)
+  assert r.returncode == 1, (r.returncode, r.stderr)
+  assert "Traceback" not in r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], r.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_run_cli_reports_user_errors_and_keeps_bugs(capsys):
+  def raising(exc):
+    def main(argv):
+      raise exc
+    return main
+
+  assert common.run_cli(lambda argv: {}) == 0
+  assert common.run_cli(raising(FileNotFoundError(2, "No such file or directory", "x.json"))) == 1
+  assert capsys.readouterr().err == "error: x.json: No such file or directory\n"
+  assert common.run_cli(raising(DataError("x.tsv line 3: bad"))) == 1
+  assert capsys.readouterr().err == "error: x.tsv line 3: bad\n"
+  with pytest.raises(KeyError):  # not a user's mistake: the traceback stays
+    common.run_cli(raising(KeyError("features")))

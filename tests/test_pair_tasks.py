@@ -19,21 +19,13 @@ from configs import nlvr2 as nlvr2_config
 from configs import ve as ve_config
 from uniter_jax import checkpointing, pytree, train
 from uniter_jax.data import format as fmt
+from helpers import world_config
 
 CONFIGS = {"ve": ve_config, "nlvr2": nlvr2_config}
 
 
 def _config(task, world, **overrides):
-  c = CONFIGS[task].get_config("tiny")
-  c.data.synthetic = world
-  c.mesh = {"data": 4, "fsdp": 2}
-  for k, v in overrides.items():
-    if "." in k:
-      a, b = k.split(".")
-      c[a][b] = v
-    else:
-      c[k] = v
-  return c
+  return world_config(CONFIGS[task], world, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,11 @@ from flax import nnx
 from configs import vqa as vqa_config
 from uniter_jax import checkpointing, pytree, train
 from uniter_jax.data import format as fmt
+from helpers import world_config
 
 
 def _config(world, **overrides):
-  c = vqa_config.get_config("tiny")
-  c.data.synthetic = world
-  c.mesh = {"data": 4, "fsdp": 2}
-  for k, v in overrides.items():
-    if "." in k:
-      a, b = k.split(".")
-      c[a][b] = v
-    else:
-      c[k] = v
-  return c
+  return world_config(vqa_config, world, **overrides)
 
 
 @pytest.fixture(scope="module")

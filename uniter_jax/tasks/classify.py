@@ -1,6 +1,7 @@
-"""What the classification tasks share: the argmax of every text of a split, and the split
-the predictor writes. VQA (answer vocabulary), SNLI-VE (3 labels) and NLVR2 (true / false)
-build on it; each adds its loss, metrics and result file."""
+"""What the classification tasks share: the argmax of every text of a split, the split the
+predictor writes, accuracy per class, and LabelTask (one int label per text). VQA (answer
+vocabulary) uses the first parts; SNLI-VE (3 labels) and NLVR2 (true / false) are LabelTasks
+that add their loss, metrics and result file."""
 
 from __future__ import annotations
 
@@ -114,3 +115,77 @@ def accuracy_by_class(preds: dict[int, int], labels: np.ndarray, names: tuple[st
   # What always answering the most frequent gold class would score (chance reference).
   out[f"{prefix}/majority_baseline"] = float(np.bincount(gold).max() / gold.size)
   return out
+
+
+class LabelTask(base.Task):
+  """A task whose texts carry one int `target` (a class id): SNLI-VE, NLVR2.
+
+  Subclasses set `class_names`, `what` / `whats` (a text, singular and plural: "statement",
+  "statements"), `how` (how to make such data, for error messages) and `loss(logits, target)`; they may add metrics
+  (`extra_metrics`) and must say how predictions are written (`write_predictions`).
+  """
+
+  step_extra_fields = ("target",)
+  class_names: tuple[str, ...] = ()
+  what, whats = "text", "texts"
+  how = ""
+
+  @staticmethod
+  def loss(logits, target):
+    raise NotImplementedError
+
+  def check_pipeline(self, config, data, pipe, split: str) -> None:
+    check_labels(pipe, split, "target", len(self.class_names), self.how)
+
+  def objective(self, config, data):
+    def branch(model, batch, key, deterministic):
+      logits = model(batch, deterministic=deterministic, rngs=key)
+      target = batch["target"]
+      accuracy = jnp.mean((jnp.argmax(logits, -1) == target).astype(jnp.float32))
+      return self.loss(logits, target), {"accuracy": accuracy}
+
+    return step_lib.Objective(names=(self.name,), losses=(branch,), ratios=(1.0,),
+                              aux_names=("accuracy",),
+                              logged={self.name: (("train_accuracy", "accuracy"),)})
+
+  def _predict(self, ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool):
+    return predict_split(
+        ctx, state, text_dirs, image_dirs, strict=strict, what=self.what,
+        check=lambda pipe, split: self.check_pipeline(ctx.config, ctx.data, pipe, split))
+
+  def scores(self, preds: dict[int, int], pipe) -> dict:
+    """Accuracy (overall, per gold class), the majority baseline and extra_metrics."""
+    labels = np.asarray(pipe.planner.fields["target"])
+    return {**accuracy_by_class(preds, labels, self.class_names, self.name),
+            **self.extra_metrics(preds, labels, pipe)}
+
+  def extra_metrics(self, preds: dict[int, int], labels: np.ndarray, pipe) -> dict:
+    del preds, labels, pipe
+    return {}
+
+  def write_predictions(self, ctx: base.RunContext, split: str, preds: dict[int, int],
+                        pipe) -> str:
+    """Writes the task's result file under WORKDIR/predictions/<split>/; returns its path."""
+    raise NotImplementedError
+
+  def evaluators(self, ctx: base.RunContext):
+    """`<name>`: the held-out (val) scores of every labelled text."""
+
+    def evaluate(state) -> dict:
+      if not ctx.data.val_text_dirs:
+        return {}
+      preds, pipe = self._predict(ctx, state, ctx.data.val_text_dirs, ctx.data.val_image_dirs,
+                                  strict=False)
+      return {**self.scores(preds, pipe), **skipped(pipe, self.whats)}
+
+    return {self.name: evaluate}
+
+  def predictor(self, ctx: base.RunContext):
+    def predict(state) -> dict:
+      split, text_dirs, image_dirs = predict_dirs(ctx)
+      # Every text must get a prediction: one whose image is missing is an error here.
+      preds, pipe = self._predict(ctx, state, text_dirs, image_dirs, strict=True)
+      path = self.write_predictions(ctx, split, preds, pipe)
+      return {"predictions": path, self.whats: len(preds), **self.scores(preds, pipe)}
+
+    return predict

@@ -6,32 +6,22 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
-import numpy as np
-
-from uniter_jax import train_step as step_lib
 from uniter_jax.data import format as fmt
 from uniter_jax.evaluators import nlvr2 as nlvr2_eval
 from uniter_jax.models.nlvr2 import VARIANTS, nlvr2_loss
 from uniter_jax.tasks import base, classify, register
 
-_HOW = "convert NLVR2 with data_prep.nlvr2: two images per text, target 1 = True, 0 = False"
 
-
-def _nlvr2_branch(model, batch, key, deterministic):
-  logits = model(batch, deterministic=deterministic, rngs=key)
-  target = batch["target"]
-  accuracy = jnp.mean((jnp.argmax(logits, -1) == target).astype(jnp.float32))
-  return nlvr2_loss(logits, target), {"accuracy": accuracy}
-
-
-class Nlvr2Task(base.Task):
-  """A statement about a (left, right) image pair: true or false."""
+class Nlvr2Task(classify.LabelTask):
+  """A statement about a (left, right) image pair: true (1) or false (0)."""
 
   name = "nlvr2"
   model_class = "UniterForNlvr2"
   synthetic_splits = ("nlvr2_train", "nlvr2_val", "nlvr2_test")
-  step_extra_fields = ("target",)
+  class_names = ("false", "true")
+  what, whats = "statement", "statements"
+  how = "convert NLVR2 with data_prep.nlvr2: two images per text, target 1 = True, 0 = False"
+  loss = staticmethod(nlvr2_loss)
 
   def model_kwargs(self, config, data):
     variant = config.nlvr2.variant
@@ -40,56 +30,26 @@ class Nlvr2Task(base.Task):
     return {"variant": variant, "use_img_type": bool(config.nlvr2.use_img_type)}
 
   def check_pipeline(self, config, data, pipe, split: str) -> None:
-    classify.check_labels(pipe, split, "target", 2, _HOW)
+    super().check_pipeline(config, data, pipe, split)
     if pipe.planner.images_per_text != 2:
       raise fmt.DataError(f"{split}: NLVR2 texts must name two images (left, right); "
-                               f"these name {pipe.planner.images_per_text} ({_HOW})")
+                          f"these name {pipe.planner.images_per_text} ({self.how})")
 
-  def objective(self, config, data):
-    return step_lib.Objective(names=("nlvr2",), losses=(_nlvr2_branch,), ratios=(1.0,),
-                              aux_names=("accuracy",),
-                              logged={"nlvr2": (("train_accuracy", "accuracy"),)})
-
-  def _predict(self, ctx, state, text_dirs, image_dirs, *, strict: bool):
-    return classify.predict_split(
-        ctx, state, text_dirs, image_dirs, strict=strict, what="statement",
-        check=lambda pipe, split: self.check_pipeline(ctx.config, ctx.data, pipe, split))
-
-  @staticmethod
-  def _scores(preds: dict[int, int], pipe) -> dict:
-    """Accuracy, consistency and the majority baseline over the labelled statements."""
-    labels = np.asarray(pipe.planner.fields["target"])
-    out = classify.accuracy_by_class(preds, labels, ("false", "true"), "nlvr2")
+  def extra_metrics(self, preds, labels, pipe) -> dict:
+    """Consistency: the fraction of sentences whose every labelled example is right."""
     idx = [i for i in sorted(preds) if labels[i] >= 0]
-    if idx:
-      ids = _identifiers(pipe)
-      out["nlvr2/consistency"] = nlvr2_eval.consistency(
-          [ids[i] for i in idx], [preds[i] == labels[i] for i in idx])
-    return out
+    if not idx:
+      return {}
+    ids = _identifiers(pipe)
+    return {"nlvr2/consistency": nlvr2_eval.consistency(
+        [ids[i] for i in idx], [preds[i] == labels[i] for i in idx])}
 
-  def evaluators(self, ctx: base.RunContext):
-    """"nlvr2": accuracy (overall, per gold label), consistency, majority baseline on val."""
-
-    def evaluate(state) -> dict:
-      if not ctx.data.val_text_dirs:
-        return {}
-      preds, pipe = self._predict(ctx, state, ctx.data.val_text_dirs, ctx.data.val_image_dirs,
-                                  strict=False)
-      return {**self._scores(preds, pipe), **classify.skipped(pipe, "statements")}
-
-    return {"nlvr2": evaluate}
-
-  def predictor(self, ctx: base.RunContext):
-    def predict(state) -> dict:
-      split, text_dirs, image_dirs = classify.predict_dirs(ctx)
-      preds, pipe = self._predict(ctx, state, text_dirs, image_dirs, strict=True)
-      ids = _identifiers(pipe)
-      order = sorted(preds)
-      path = os.path.join(ctx.workdir, "predictions", split, "results.csv")
-      nlvr2_eval.write_csv(path, [ids[i] for i in order], [preds[i] for i in order])
-      return {"predictions": path, "statements": len(order), **self._scores(preds, pipe)}
-
-    return predict
+  def write_predictions(self, ctx: base.RunContext, split, preds, pipe) -> str:
+    """results.csv: `identifier,True|False` per statement, as train_nlvr2.py writes it."""
+    ids = _identifiers(pipe)
+    order = sorted(preds)
+    path = os.path.join(ctx.workdir, "predictions", split, "results.csv")
+    return nlvr2_eval.write_csv(path, [ids[i] for i in order], [preds[i] for i in order])
 
 
 def _identifiers(pipe) -> list[str]:
