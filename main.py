@@ -7,6 +7,8 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow only reads the input files here; its oneDNN kernels only add start-up log lines.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -22,6 +24,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
 
 def main(argv):
   del argv
+  # The terminal shows progress, evals and results (printed by the trainer); library INFO
+  # logs (absl, orbax) only when asked for with --verbosity=0.
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") \
       or os.environ.get("TPU_WORKER_HOSTNAMES"):

@@ -123,6 +123,11 @@ def test_nlvr2_init_from_pretraining_grows_the_type_table(ve_run, tiny_world, tm
     for k, a in want.items():
       if k != types:
         np.testing.assert_array_equal(got[k], a, err_msg=f"{name}: {k}")
+  # A checkpoint of another model size is refused by name (orbax alone would restore it).
+  small = _config("nlvr2", tiny_world, init_from=ve_workdir,
+                  **{"model.hidden_size": 32, "model.num_heads": 2})
+  with pytest.raises(train.RunError, match="another model size.*embedding"):
+    train.train_and_evaluate(small, str(tmp_path / "small"), mode="export")
 
 
 def _write_texts(path, texts, world):

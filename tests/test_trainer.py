@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,9 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "step 4/4" in res.stdout
+  # The terminal holds what a person needs: each progress line once, no library INFO logs.
+  assert (res.stdout + res.stderr).count("step 4/4") == 1
+  assert not re.search(r"^I\d{4} ", res.stderr, re.M), res.stderr[:2000]
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [2, 4]
   assert all(np.isfinite(r["loss"]) and r["examples_per_sec"] > 0 for r in rows)

@@ -66,11 +66,16 @@ class Writer:
 
 
 class Progress:
-  """A one-line progress report with steps/s and ETA."""
+  """A one-line progress report with steps/s and ETA, measured from the first completed step
+  (so compilation does not count as training time)."""
 
   def __init__(self, total_steps: int, start_step: int):
     self.total, self.start = total_steps, start_step
     self.t0 = time.time()
+
+  def first_step_done(self, step: int) -> None:
+    """Call once the first step has finished: the rate counts from here."""
+    self.start, self.t0 = step, time.time()
 
   def line(self, step: int, loss: float) -> str:
     done = max(step - self.start, 1)

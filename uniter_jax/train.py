@@ -151,6 +151,13 @@ def load_init_from(path: str, state: dict, graphdef) -> dict:
     for p in grown:
       t = flat_target[p]
       flat_target[p] = jax.ShapeDtypeStruct(stored[p], t.dtype, sharding=t.sharding)
+    # Orbax would restore a stored shape into a different target without complaint.
+    wrong = [f"{'/'.join(p)}: {stored[p]} in the checkpoint, {tuple(t.shape)} in the model"
+             for p, t in flat_target.items() if p in stored and stored[p] != tuple(t.shape)]
+    if wrong:
+      raise RunError(f"config.init_from={path} holds parameters of another model size: "
+                     + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else "")
+                     + "; use a checkpoint of this config's model (config.model.*)")
     nnx.replace_by_pure_dict(target, pytree.unflatten(flat_target))
     restored = checkpointing.restore_params_from_orbax(ckpt_dir, target)
     flat = pytree.flatten(nnx.to_pure_dict(restored))
@@ -466,6 +473,10 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
         step += 1
         n_ex += sum(int(b["input_ids"].shape[0]) for b in group_batches)
         n_tok += sum(int(b["input_ids"].size + b["img_mask"].size) for b in group_batches)
+        if step == start + 1:  # rates and ETA count from the first finished step
+          jax.block_until_ready(m)
+          progress.first_step_done(step)
+          t_log, n_ex, n_tok = time.time(), 0, 0
         pending.append((step, m))
         if step % config.log_every_steps == 0 or step == config.total_steps:
           flush_metrics(step)
