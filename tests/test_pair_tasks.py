@@ -87,6 +87,9 @@ def test_nlvr2_trains_evaluates_and_writes_the_official_csv(nlvr2_run, tiny_worl
   assert rec["model_class"] == "UniterForNlvr2"
   assert rec["model_kwargs"] == {"variant": "paired-attn", "use_img_type": True}
   assert rec["config"]["type_vocab_size"] == 3
+  with open(os.path.join(workdir, "config.json")) as f:  # the resolved run config
+    saved = json.load(f)
+  assert saved["task"] == "nlvr2" and saved["nlvr2"]["variant"] == "paired-attn"
   res = train.train_and_evaluate(_config("nlvr2", tiny_world), workdir, mode="predict")
   with open(res["predictions"]) as f:
     lines = f.read().splitlines()

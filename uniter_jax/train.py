@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uniter_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, optim
+from uniter_jax import checkpointing, files, flops as flops_lib, metrics as metrics_lib, optim
 from uniter_jax import pytree, sharding, tasks
 from uniter_jax import train_step as step_lib
 from uniter_jax.models import UniterConfig, registry
@@ -319,6 +319,10 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
                    "train first, or pass --config.init_from=PATH")
   os.makedirs(workdir, exist_ok=True)
   checkpointing.write_model_record(record_path, record, overwrite=True)  # same shapes
+  # The resolved config of this invocation (the last one, when a workdir is resumed).
+  files.write_bytes(os.path.join(workdir, "config.json"),
+                    config.to_json_best_effort(indent=2, sort_keys=True).encode(),
+                    overwrite=True)
 
   # -- Model and sharded state -------------------------------------------------------------
   def model_fn(cfg: UniterConfig = model_cfg):
@@ -328,6 +332,9 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   tx, schedule = make_optimizer(config, abs_params)
   init_fn = step_lib.init_state_fn(model_fn, tx, config.seed)
   abstract_state = jax.eval_shape(init_fn)
+  say("%s (%s): %s parameters; mesh %s", task.model_class, mode,
+      f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params)):,}",
+      dict(mesh.shape))
   shardings = state_shardings(abstract_state, mesh, rules)
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
