@@ -98,9 +98,10 @@ def test_tied_weights_are_one_parameter_reached_by_both_uses():
   n_unique = len({id(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))})
   assert n_unique == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-  def grads(task):
+  def grads(task):  # jitted: op-by-op dispatch of a backward pass is far slower
     b = apply_objective(jax.random.key(1), batch, task, mcfg)
-    return nnx.grad(lambda m: pretrain_loss(m, b, task)["loss"])(model)
+    return nnx.jit(lambda m, b: nnx.grad(lambda m: pretrain_loss(m, b, task)["loss"])(m))(
+        model, b)
 
   g = grads("mlm")
   word_grad = np.asarray(g.uniter.embeddings.word_embeddings.embedding[...])
@@ -120,7 +121,7 @@ def test_tied_weights_are_one_parameter_reached_by_both_uses():
     sq = jnp.square(pred - b["feat_targets"]).sum(-1)
     return jnp.sum(jnp.where(b["img_masked"], sq, 0)) / (b["img_masked"].sum() * cfg.img_dim)
 
-  g_cut = nnx.grad(cut)(model).uniter.img_embeddings.img_linear.kernel[...]
+  g_cut = nnx.jit(nnx.grad(cut))(model).uniter.img_embeddings.img_linear.kernel[...]
   assert np.abs(kernel_grad - np.asarray(g_cut)).max() > 1e-6
 
 
