@@ -113,9 +113,13 @@ def test_missing_image_is_counted_in_eval_and_an_error_in_predict(run, tiny_worl
   small = tmp_path / "small_a2l.json"
   small.write_text(json.dumps({a: i for a, i in a2l.items() if i < 5}))
   with pytest.raises(fmt.DataError, match="outside the 5-answer"):
+    train.train_and_evaluate(_config(tiny_world, **{"data.ans2label": str(small)}),
+                             str(tmp_path / "c"))
+  # A 22-answer checkpoint cannot initialise the 5-answer head: refused by name.
+  with pytest.raises(train.RunError, match="another model size: vqa_output"):
     train.train_and_evaluate(_config(tiny_world, init_from=workdir,
                                      **{"data.ans2label": str(small)}),
-                             str(tmp_path / "c"), mode="eval")
+                             str(tmp_path / "d"), mode="eval")
 
 
 def test_load_a_workdir_equals_its_export(run, tiny_world):
