@@ -47,15 +47,15 @@ def to_jnp(batch: dict) -> dict:
 def world_config(config_module, world: str, **overrides):
   """A task config's tiny variant on a synthetic world and the (data 4, fsdp 2) mesh.
 
-  Overrides are `key=value` or `section.key=value` (e.g. `**{"data.val_text_dirs": d}`).
+  Overrides are `key=value` or dotted `section.key=value` (e.g. `**{"data.val_text_dirs": d}`).
   """
   c = config_module.get_config("tiny")
   c.data.synthetic = world
   c.mesh = {"data": 4, "fsdp": 2}
   for k, v in overrides.items():
-    if "." in k:
-      a, b = k.split(".")
-      c[a][b] = v
-    else:
-      c[k] = v
+    *parents, leaf = k.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
   return c

@@ -77,20 +77,27 @@ def _batch(fixture: pathlib.Path, name: str) -> tuple[dict, dict]:
   return interop.from_official_batch(raw), raw
 
 
+# Tasks of one model, compiled as one program (together they compile much faster than
+# one by one): the pretraining objectives share the pretraining model; each answer task has
+# its own head.
+PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+
+
 @functools.cache
-def _run(fixture: pathlib.Path, task: str) -> dict:
-  """One compiled forward + backward per task: outputs, heads, losses and gradients.
+def _runs(fixture: pathlib.Path, group: tuple[str, ...]) -> dict:
+  """One compiled forward + backward per task of `group`: outputs, heads, losses, gradients.
 
   The loss is the training-loop scalar (pretrain_loss with the "ipot" OT solver, or the
   VQA BCE); gradients are taken w.r.t. every Param and the region features.
   """
-  model = _model(fixture, task)
-  batch = jax.tree.map(jnp.asarray, _batch(fixture, TASK_BATCH[task])[0])
+  group = tuple(t for t in group if (fixture / f"batch_{TASK_BATCH[t]}.npz").exists())
+  model = _model(fixture, group[0])
+  batches = {t: jax.tree.map(jnp.asarray, _batch(fixture, TASK_BATCH[t])[0]) for t in group}
   graphdef, state = nnx.split(model)
 
-  def f(state, img_feat):
+  def f(state, img_feat, task):
     m = nnx.merge(graphdef, state)
-    b = {**batch, "img_feat": img_feat}
+    b = {**batches[task], "img_feat": img_feat}
     out = m.encode(b, return_all_layers=True, return_embeddings=True)
     if task in ANSWER_TASKS:
       heads = {"answer_scores": m.answer_logits(out.pooled)}
@@ -101,13 +108,19 @@ def _run(fixture: pathlib.Path, task: str) -> dict:
       res = pretrain_loss(m, b, task, solver="ipot")
     return res["loss"], (res, out, heads)
 
-  fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
+  grad_f = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+  fn = jax.jit(lambda state, feats: {t: grad_f(state, feats[t], t) for t in group},
                compiler_options=_FAST_COMPILE)
-  (_, (res, out, heads)), (g_state, g_feat) = fn(state, batch["img_feat"])
-  to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-  return {"batch": jax.tree.map(np.asarray, batch), "res": to_np(res), "out": to_np(out),
-          "heads": to_np(heads), "g_state": g_state, "g_feat": np.asarray(g_feat),
-          "model": model}
+  results = fn(state, {t: batches[t]["img_feat"] for t in group})
+  to_np = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+  return {t: {"batch": to_np(batches[t]), "res": to_np(res), "out": to_np(out),
+              "heads": to_np(heads), "g_state": g_state, "g_feat": np.asarray(g_feat),
+              "model": model}
+          for t, ((_, (res, out, heads)), (g_state, g_feat)) in results.items()}
+
+
+def _run(fixture: pathlib.Path, task: str) -> dict:
+  return _runs(fixture, (task,) if task in ANSWER_TASKS else PRETRAIN_TASKS)[task]
 
 
 def _compact(out_txt, out_img, batch, length):

@@ -1,5 +1,7 @@
 """On the 8-device mesh with FSDP-sharded parameters every loss equals the unsharded value."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -29,21 +31,24 @@ def test_sharded_losses_equal_unsharded(mesh):
   graphdef, state = nnx.split(model)
   ref_graphdef, ref_state = nnx.split(ref_model)
   batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, rules, x.ndim), raw)
-  for task in ("mlm", "mrfr", "mrc", "mrckl", "itm"):
+  tasks = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+
+  def losses(graphdef, state, batch):
+    m = nnx.merge(graphdef, state)
     # One ITM group for the whole batch in both runs (inside the mesh the default would be
     # one group per device, a different draw).
-    b = apply_objective(jax.random.key(9), raw, task, MCFG, itm_group_size=8)
-    # The unsharded reference, jitted on one device outside the mesh (op-by-op is slower).
-    ref = jax.jit(lambda s, b: pretrain_loss(nnx.merge(ref_graphdef, s), b, task,
-                                             solver="ipot")["loss"])(ref_state, b)
+    return {task: pretrain_loss(m, apply_objective(jax.random.key(9), batch, task, MCFG, 8),
+                                task, solver="ipot")["loss"] for task in tasks}
 
-    @jax.jit
-    def f(state, batch):
-      with sharding.use_rules(rules):
-        m = nnx.merge(graphdef, state)
-        return pretrain_loss(m, apply_objective(jax.random.key(9), batch, task, MCFG, 8), task,
-                             solver="ipot")["loss"]
+  # The unsharded reference: one program on one device, outside the mesh.
+  ref = jax.jit(functools.partial(losses, ref_graphdef))(ref_state, raw)
 
-    with jax.set_mesh(mesh):
-      got = f(state, jax.device_put(raw, batch_sh))
-    np.testing.assert_allclose(got, ref, rtol=2e-5, err_msg=task)
+  @jax.jit
+  def f(state, batch):
+    with sharding.use_rules(rules):
+      return losses(graphdef, state, batch)
+
+  with jax.set_mesh(mesh):
+    got = f(state, jax.device_put(raw, batch_sh))
+  for task in tasks:
+    np.testing.assert_allclose(got[task], ref[task], rtol=2e-5, err_msg=task)

@@ -32,10 +32,9 @@ def _quiet(*_):
 
 
 @pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("synth") / "world"
-  synthetic.generate(str(out), num_images=N_IMAGES, seed=0, img_dim=IMG_DIM, workers=1, log=_quiet)
-  return str(out)
+def world_dir(tiny_world):
+  """The session's world (conftest.py: N_IMAGES images, seed 0, IMG_DIM features, 1 worker)."""
+  return tiny_world
 
 
 @pytest.fixture(scope="module")
