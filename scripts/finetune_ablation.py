@@ -26,7 +26,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # task -> its main held-out metric (the one the world's baselines are stated in)
-MAIN_METRIC = {"vqa": "vqa_score", "ve": "ve/accuracy", "nlvr2": "nlvr2/accuracy"}
+MAIN_METRIC = {"vqa": "vqa_score", "ve": "ve/accuracy", "nlvr2": "nlvr2/accuracy",
+               "re": "re/accuracy"}
 
 
 def run(args: list[str]) -> None:
@@ -82,7 +83,8 @@ def main() -> None:
   val = info["splits"]["val"]
   main_key = MAIN_METRIC[a.task]
   others = sorted(k for k in next(iter(rows.values()))[0]
-                  if k != main_key and k != "step" and not k.endswith(("/examples", "questions")))
+                  if k != main_key and k != "step"
+                  and not k.endswith(("/examples", "questions", "/expressions")))
   print(f"\nbaselines on val from {a.world}/manifest.json (its metric {info['metric']!r}): "
         f"chance {val['chance']:.3f}, text-only {val['text_only']:.3f} "
         f"({info['text_only_method']})")

@@ -77,9 +77,13 @@ class Progress:
     """Call once the first step has finished: the rate counts from here."""
     self.start, self.t0 = step, time.time()
 
-  def line(self, step: int, loss: float) -> str:
+  def rate_eta(self, step: int) -> tuple[float, str]:
+    """(steps per second, 'ETA 1m05s') at `step`."""
     done = max(step - self.start, 1)
     rate = done / max(time.time() - self.t0, 1e-9)
     eta = (self.total - step) / max(rate, 1e-9)
-    return (f"step {step}/{self.total} loss {loss:.4f} {rate:.2f} steps/s "
-            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+    return rate, f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+
+  def line(self, step: int, loss: float) -> str:
+    rate, eta = self.rate_eta(step)
+    return f"step {step}/{self.total} loss {loss:.4f} {rate:.2f} steps/s {eta}"

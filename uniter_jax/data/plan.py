@@ -216,6 +216,7 @@ class Planner:
         fields[k] += table["fields"][k]
     self.tokenizer = tok or {}
     self.input_ids = input_ids
+    self.text_image_ids = image_ids  # per text, the tuple of its image ids
     self.fields = fields
     n = len(input_ids)
     k = self.images_per_text or 1

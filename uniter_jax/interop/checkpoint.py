@@ -96,10 +96,28 @@ def _nlvr2_kwargs(shapes: Mapping[str, tuple], *, variant: str | None = None,
   return {"variant": variant, "use_img_type": bool(use_img_type)}
 
 
+def _re_kwargs(shapes: Mapping[str, tuple], *, mlp: int | None = None) -> dict:
+  """The RE head depth from the checkpoint's tensors (re_output.0.* = mlp 2), or `mlp`."""
+  found = 2 if "re_output.0.weight" in shapes else 1 if "re_output.weight" in shapes else None
+  if mlp is None:
+    mlp = found or 1  # the official default
+  elif found is not None and found != mlp:
+    raise CheckpointMismatchError(f"task='re': the checkpoint holds an mlp={found} head, "
+                                  f"not mlp={mlp}; pass mlp={found}")
+  return {"mlp": int(mlp)}
+
+
 register_task(TaskSpec("pretrain", "UniterForPretraining", tied=dict(TIED)))
 register_task(TaskSpec("vqa", "UniterForVqa", _answer_head_kwargs, unused=_PRETRAIN_HEADS))
 register_task(TaskSpec("ve", "UniterForVisualEntailment", unused=_PRETRAIN_HEADS))
 register_task(TaskSpec("nlvr2", "UniterForNlvr2", _nlvr2_kwargs, unused=_PRETRAIN_HEADS))
+register_task(TaskSpec("re", "UniterForReferringExpressionComprehension", _re_kwargs,
+                       unused=_PRETRAIN_HEADS))
+register_task(TaskSpec("vcr", "UniterForVcr", lambda shapes, extra_words=0: {
+    "extra_words": int(extra_words)}, unused=_PRETRAIN_HEADS))  # 81 from uniter-base.pt
+# Retrieval keeps itm_output (its rank_output starts from it: registry.copy_units).
+register_task(TaskSpec("itr", "UniterForImageTextRetrieval",
+                       unused=("cls.", "feat_regress.", "region_classifier.")))
 
 
 def task_of(names: Iterable[str], shapes: Mapping[str, tuple] | None = None) -> str:
@@ -110,6 +128,12 @@ def task_of(names: Iterable[str], shapes: Mapping[str, tuple] | None = None) -> 
   names = list(names)
   if any(n.startswith("nlvr2_output.") for n in names):
     return "nlvr2"
+  if any(n.startswith("re_output.") for n in names):
+    return "re"
+  if any(n.startswith("vcr_output.") for n in names):
+    return "vcr"
+  if any(n.startswith("rank_output.") for n in names):
+    return "itr"
   if any(n.startswith("vqa_output.") for n in names):
     if shapes is not None and shapes.get("vqa_output.3.weight", (0,))[0] == 3:
       return "ve"
@@ -312,6 +336,7 @@ def load_into(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   every shape mismatch (checkpoint vs model, both in the official torch layout).
   """
   tensors = _grow_tables(model, _normalize_names(tensors))
+  tensors = registry.copy_units(model, tensors, torch_names=True)  # retrieval's rank_output
   tied = _tied_for(model) if tied is None else {
       a: c for a, c in tied.items() if hasattr(model, a.split(".")[0])}
   allow_missing = _as_prefixes(allow_missing)
@@ -479,6 +504,7 @@ def load_official_checkpoint(
   # Build abstractly (no random init, which costs seconds for a base model) and only
   # initialise for real when some parameter will keep its init.
   model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+  tensors = registry.copy_units(model, tensors, torch_names=True)
   aliases = {c for a, c in spec.tied.items() if a in tensors}
   missing = [n for n in official_names(model) if n not in tensors and n not in aliases]
   # If a missing name is not allowed, load_into raises before it needs any init values.

@@ -37,6 +37,9 @@ SEQUENTIAL_HEADS: dict[str, tuple[str, dict[str, str]]] = {
     # NLVR2 paired-attn: `fc.0.*` (Linear(2H, H) -> ReLU -> Dropout) and `attn_pool.fc.0.*`.
     "fc": ("", {"0": "dense"}),
     "attn_pool": ("fc", {"0": "dense"}),
+    # RE with mlp=2 (`re_output.{0,2,3}.*`); with mlp=1 `re_output.weight` is a plain Linear.
+    "re_output": ("", {"0": "dense", "2": "LayerNorm", "3": "classifier"}),
+    "vcr_output": ("", {"0": "dense", "2": "LayerNorm", "3": "classifier"}),
 }
 _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings",
                "mask_embedding")
@@ -149,6 +152,18 @@ def _check(cond: bool, what: str) -> None:
     raise ValueError(f"from_official_batch: {what}")
 
 
+def _itr_broadcast(batch: dict) -> dict:
+  """Hard-negative retrieval batches hold one caption (from text) or one image (from image)
+  for all rows (train_itm_hard_negatives.py expands it in the model): repeat it per row."""
+  rows = _np(batch["attn_masks"]).shape[0]
+  out = dict(batch)
+  for key in ("input_ids", "img_feat", "img_pos_feat"):
+    arr = _np(batch[key])
+    if arr.shape[0] == 1 and rows > 1:
+      out[key] = np.repeat(arr, rows, axis=0)
+  return out
+
+
 def from_official_batch(batch: Mapping[str, Any], *, task: str | None = None,
                         variant: str | None = None, validate: bool = True
                         ) -> dict[str, np.ndarray]:
@@ -172,8 +187,18 @@ def from_official_batch(batch: Mapping[str, Any], *, task: str | None = None,
   rows, row 2i left, 2i+1 right) and a triplet batch (one row, the left image's regions
   typed 1 then the right's typed 2) are told apart by the number of targets, or by
   `variant` when the batch has none.
+
+  task="re" (re_collate / re_eval_collate): `targets` (n,) int region indices; `obj_masks`
+  (padding True) is checked against the region counts. task="vcr" (vcr_collate): one row per
+  (question, choice) with its `txt_type_ids`, `targets` (n,) int (1 = the right choice).
+
+  task="itr" (itm_rank_collate, the hard-negative datasets): one row per pair and
+  `sample_size` (int) when the batch has it; a caption or image given once (hard-negative
+  layouts) is repeated over the rows.
   """
   batch = pytree.flatten(batch, sep=".", drop_none=True)
+  if task == "itr":
+    batch = _itr_broadcast(batch)
   ids = _np(batch["input_ids"])
   b, lt = ids.shape
   img_feat = _np(batch["img_feat"], np.float32)
@@ -245,6 +270,12 @@ def from_official_batch(batch: Mapping[str, Any], *, task: str | None = None,
         dense = np.zeros((b, li, rows.shape[-1]), np.float32)
         dense[masked] = rows
         out[key] = dense
+  if task == "re":
+    return _re_fields(batch, out, validate)
+  if task == "vcr":  # vcr_collate: targets (n, 1), 1 = the right choice of that sequence
+    if "targets" in batch:
+      out["targets"] = _np(batch["targets"]).reshape(-1).astype(np.int32)
+    return out
   if "targets" in batch:
     t = _np(batch["targets"])
     if t.ndim == 1:
@@ -253,8 +284,28 @@ def from_official_batch(batch: Mapping[str, Any], *, task: str | None = None,
       out["targets"] = t.astype(np.float32)
   if task == "nlvr2":
     return _nlvr2_pairs(out, variant)
+  if task == "itr":
+    if "sample_size" in batch:  # rows per group, column 0 the positive
+      out["sample_size"] = int(_np(batch["sample_size"]))
+    return out
   if task not in (None, "pretrain", "vqa", "ve"):
     raise ValueError(f"from_official_batch: unknown task {task!r}")
+  return out
+
+
+def _re_fields(batch: Mapping[str, Any], out: dict[str, np.ndarray], validate: bool
+               ) -> dict[str, np.ndarray]:
+  """RE (re_collate): `targets` (n, 1) region indices -> (n,) int; `obj_masks` checked."""
+  if "obj_masks" in batch and validate:
+    pad = _np(batch["obj_masks"]).astype(bool)
+    li = out["img_mask"].shape[1]
+    _check(pad.shape[1] <= li and bool(np.all(pad == ~out["img_mask"][:, :pad.shape[1]])),
+           "obj_masks disagrees with the region counts from attn_masks")
+  if "targets" in batch:
+    t = _np(batch["targets"]).reshape(-1).astype(np.int32)
+    _check(t.shape[0] == out["input_ids"].shape[0], f"RE: {t.shape[0]} targets for "
+           f"{out['input_ids'].shape[0]} rows (re_collate gives one per expression)")
+    out["targets"] = t
   return out
 
 

@@ -78,14 +78,18 @@ class RegionFeatureRegression(nnx.Module):
 
 
 class RegionClassification(nnx.Module):
-  """Official `region_classifier`: net.0 `dense`, net.2 `LayerNorm`, net.3 `classifier`."""
+  """Official `region_classifier`: net.0 `dense`, net.2 `LayerNorm`, net.3 `classifier`.
 
-  def __init__(self, cfg: UniterConfig, *, rngs: nnx.Rngs):
+  Linear(H, H) -> GELU -> LayerNorm -> Linear(H, num_outputs); num_outputs defaults to the
+  detector's label count (MRC). The RE head with mlp=2 is the same stack with one output.
+  """
+
+  def __init__(self, cfg: UniterConfig, num_outputs: int | None = None, *, rngs: nnx.Rngs):
     self.dense = Dense(cfg.hidden_size, cfg.hidden_size, names=("embed", "hidden"),
                        rngs=rngs, **_kw(cfg))
     self.LayerNorm = _ln(cfg)
-    self.classifier = Dense(cfg.hidden_size, cfg.img_label_dim, names=("embed", "labels"),
-                            rngs=rngs, **_kw(cfg))
+    self.classifier = Dense(cfg.hidden_size, num_outputs or cfg.img_label_dim,
+                            names=("embed", "labels"), rngs=rngs, **_kw(cfg))
 
   def __call__(self, h: jax.Array) -> jax.Array:
     return self.classifier(self.LayerNorm(gelu(self.dense(h)))).astype(jnp.float32)

@@ -73,15 +73,26 @@ def build_from_record(rec: Mapping[str, Any], *, abstract: bool = False, where: 
   return nnx.eval_shape(make) if abstract else make()
 
 
+# A GROWN_TABLES entry meaning: the source rows first, then the model's own initial rows for
+# the rest (VCR's word table: BERT's words + the object-reference tokens, init_word_embedding).
+EXTEND = "extend"
+
+
 def grow_table(model: nnx.Module, path: tuple[str, ...], arr: Any) -> Any | None:
   """A pretrained table with fewer rows than `model`'s, grown as the model declares.
 
   A model class lists such tables in GROWN_TABLES {"a/b/embedding": (source row of each
-  target row, None = keep the model's initial row)}, e.g. NLVR2's token types (0, 1, 1) as
-  the official init_type_embedding. Returns None when `path` is not declared or `arr`
+  target row, None = keep the model's initial row) or EXTEND}, e.g. NLVR2's token types
+  (0, 1, 1) as the official init_type_embedding. Returns None when `path` is not declared or `arr`
   already has the model's rows (a fine-tuned checkpoint), so callers load it as it is.
   """
   rows = getattr(type(model), "GROWN_TABLES", {}).get("/".join(path))
+  if rows == EXTEND:  # keep every source row; the model's extra rows keep their init
+    node: Any = model
+    for p in path:
+      node = getattr(node, p)
+    n = int(node.shape[0])
+    rows = tuple(range(min(np.shape(arr)[0], n))) + (None,) * max(0, n - np.shape(arr)[0])
   if rows is None or np.shape(arr)[0] >= len(rows):
     return None
   src = np.asarray(arr)
@@ -95,3 +106,25 @@ def grow_table(model: nnx.Module, path: tuple[str, ...], arr: Any) -> Any | None
       node = getattr(node, p)
     current = np.asarray(node[...])
   return np.stack([src[r] if r is not None else current[i] for i, r in enumerate(rows)])
+
+
+def copy_units(model: nnx.Module, flat: Mapping[Any, Any], *, torch_names: bool = False
+               ) -> dict:
+  """Fills heads a checkpoint lacks from another head's output units, as the model declares.
+
+  A model class lists them in COPIED_UNITS {"target": ("source", unit)}, e.g. retrieval's
+  rank_output = unit 1 of itm_output (official init_output()). `flat` maps our parameter
+  paths (tuples; kernel (in, out)) or, with torch_names, official names (weight (out, in))
+  to arrays. A target already in `flat` (a fine-tuned checkpoint) is kept as it is.
+  """
+  out = dict(flat)
+  for target, (source, unit) in getattr(type(model), "COPIED_UNITS", {}).items():
+    for ours, torch in (("kernel", "weight"), ("bias", "bias")):
+      if torch_names:
+        t, s, axis = (f"{target.replace('/', '.')}.{torch}",
+                      f"{source.replace('/', '.')}.{torch}", 0)
+      else:
+        t, s, axis = (*target.split("/"), ours), (*source.split("/"), ours), -1
+      if t not in out and s in out:
+        out[t] = np.take(np.asarray(out[s]), [unit], axis=axis)
+  return out

@@ -5,7 +5,7 @@ See docs/official.md, *Downstream heads* (VQA, SNLI-VE) and *Loss reductions*.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +25,13 @@ class VqaHead(nnx.Module):
   """Official `vqa_output`: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers).
 
   Submodules `dense`, `LayerNorm`, `classifier` are the official nn.Sequential indices
-  0, 2 and 3 (index 1 is the parameterless GELU).
+  0, 2 and 3 (index 1 is the parameterless activation). VCR's `vcr_output` is the same stack
+  with ReLU and 2 outputs (`activation=jax.nn.relu`).
   """
 
-  def __init__(self, cfg: UniterConfig, num_answers: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: UniterConfig, num_answers: int, *, rngs: nnx.Rngs,
+               activation: Callable[[jax.Array], jax.Array] = gelu):
+    self.activation = activation
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
               init_std=cfg.initializer_range, rngs=rngs)
     h2 = 2 * cfg.hidden_size
@@ -38,7 +41,8 @@ class VqaHead(nnx.Module):
     self.classifier = Dense(h2, num_answers, names=("mlp", "labels"), **kw)
 
   def __call__(self, pooled: jax.Array) -> jax.Array:
-    return self.classifier(self.LayerNorm(gelu(self.dense(pooled)))).astype(jnp.float32)
+    return self.classifier(self.LayerNorm(self.activation(self.dense(pooled)))).astype(
+        jnp.float32)
 
 
 class UniterForVqa(nnx.Module):

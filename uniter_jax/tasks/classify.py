@@ -32,41 +32,56 @@ def _argmax_fn(ctx: base.RunContext) -> Callable:
 
     def predict(params, rest, batch):
       model = nnx.merge(graphdef, params, rest)
-      return jnp.argmax(model(batch, deterministic=True), axis=-1)
+      return {"argmax": jnp.argmax(model(batch, deterministic=True), axis=-1)}
 
     ctx.cache["argmax"] = jax.jit(predict)
   return ctx.cache["argmax"]
 
 
-def predict_split(ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool,
-                  check: Callable | None = None, what: str = "text"
-                  ) -> tuple[dict[int, int], object]:
-  """Argmax class of every text of a split: ({text index: class id}, the pipeline).
+def run_split(ctx: base.RunContext, state, pipe, fn: Callable, *, what: str = "text",
+              extra_fields: tuple[str, ...] = ()) -> dict[int, dict[str, np.ndarray]]:
+  """Runs the jitted `fn(params, rest, model_batch) -> {name: (B, ...)}` over an eval
+  pipeline; returns {text index: {name: that text's row}}. `extra_fields`: task fields
+  the function reads besides the model's.
 
-  Every text is visited exactly once (eval batches pad the last one with empty rows);
-  `check(pipe, split_name)` validates the split's fields before anything runs.
+  Every text is visited exactly once (eval batches pad the last one with empty rows).
   """
+  rows: dict[int, dict[str, np.ndarray]] = {}
+  with jax.set_mesh(ctx.mesh):
+    for batch in pipe:
+      inputs = {**step_lib.model_fields(batch), **{k: batch[k] for k in extra_fields}}
+      out = {k: host(v) for k, v in fn(state["params"], state["rest"], inputs).items()}
+      for r, i in enumerate(host(batch["example_index"]).tolist()):
+        if i < 0:  # a padding row of the last batch
+          continue
+        if i in rows:
+          raise RuntimeError(f"{what} #{i} was predicted twice; the eval pipeline must "
+                             f"visit each {what} once")
+        rows[i] = {k: v[r] for k, v in out.items()}
+  expected = set(np.nonzero(pipe.planner.valid)[0].tolist())
+  lost = expected - set(rows)
+  if lost:
+    raise RuntimeError(f"{len(lost)} {what}s got no prediction (e.g. {sorted(lost)[:5]})")
+  return rows
+
+
+def eval_pipeline(ctx: base.RunContext, text_dirs, image_dirs, *, strict: bool,
+                  check: Callable | None = None):
+  """One pass over a split in order; `check(pipe, split_name)` validates its fields first."""
   pipe = ctx.pipeline(text_dirs, image_dirs, train=False, drop_remainder=False,
                       num_epochs=1, strict=strict)
   if check is not None:
     check(pipe, ",".join(text_dirs))
-  fn = _argmax_fn(ctx)
-  preds: dict[int, int] = {}
-  with jax.set_mesh(ctx.mesh):
-    for batch in pipe:
-      top = host(fn(state["params"], state["rest"], step_lib.model_fields(batch)))
-      for i, a in zip(host(batch["example_index"]).tolist(), top.tolist()):
-        if i < 0:  # a padding row of the last batch
-          continue
-        if i in preds:
-          raise RuntimeError(f"{what} #{i} was predicted twice; the eval pipeline must "
-                             f"visit each {what} once")
-        preds[i] = a
-  expected = set(np.nonzero(pipe.planner.valid)[0].tolist())
-  lost = expected - set(preds)
-  if lost:
-    raise RuntimeError(f"{len(lost)} {what}s got no prediction (e.g. {sorted(lost)[:5]})")
-  return preds, pipe
+  return pipe
+
+
+def predict_split(ctx: base.RunContext, state, text_dirs, image_dirs, *, strict: bool,
+                  check: Callable | None = None, what: str = "text"
+                  ) -> tuple[dict[int, int], object]:
+  """Argmax class of every text of a split: ({text index: class id}, the pipeline)."""
+  pipe = eval_pipeline(ctx, text_dirs, image_dirs, strict=strict, check=check)
+  rows = run_split(ctx, state, pipe, _argmax_fn(ctx), what=what)
+  return {i: int(r["argmax"]) for i, r in rows.items()}, pipe
 
 
 def predict_dirs(ctx: base.RunContext) -> tuple[str, list[str], list[str]]:

@@ -1,0 +1,178 @@
+"""VCR fine-tuning (docs/official.md, *Downstream heads: VCR*): Q->A and QA->R as a per-choice
+binary classifier, trained on both (two objective branches, as the official training mixes its
+qa and qar datasets), evaluated as Q->A, QA->R (under the gold answer) and Q->AR accuracy.
+
+Text records (the synthetic world's vcr_* splits; VCR converted to the same fields) hold the
+question as `input_ids`, the 4 answers and 4 rationales as `input_ids_as` / `input_ids_rs` with
+`lens_as` / `lens_rs`, and `qa_target` / `qar_target` (-1 = unknown, a test set).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uniter_jax import files
+from uniter_jax import train_step as step_lib
+from uniter_jax.data import format as fmt
+from uniter_jax.models.vcr import vcr_loss
+from uniter_jax.tasks import base, classify, register
+from uniter_jax.tasks.vcr_inputs import NUM_CHOICES, choice_batch, choice_targets
+
+HOW = ("VCR texts need input_ids_as / lens_as / input_ids_rs / lens_rs (4 choices each) and "
+       "qa_target / qar_target, as the synthetic world's vcr_* splits")
+CHOICE_FIELDS = ("input_ids_as", "lens_as", "input_ids_rs", "lens_rs")
+KINDS = ("qa", "qar")
+
+
+class VcrTask(base.Task):
+  """UniterForVcr on 4 (question, choice) sequences per question, built in the step."""
+
+  name = "vcr"
+  model_class = "UniterForVcr"
+  synthetic_splits = ("vcr_train", "vcr_val", "vcr_test")
+  step_extra_fields = CHOICE_FIELDS + ("qa_target", "qar_target")
+
+  def check_data(self, config, data) -> None:
+    """The longest sequence (question + answer + rationale) must fit the position table."""
+    longest = max(config.data.txt_buckets) + 2 * (config.vcr.max_choice_len + 1)
+    if longest > config.model.max_position_embeddings:
+      raise ValueError(
+          f"VCR sequences reach {longest} tokens (text bucket {max(config.data.txt_buckets)} "
+          f"+ 2 x (config.vcr.max_choice_len {config.vcr.max_choice_len} + [SEP])) but "
+          f"config.model.max_position_embeddings is {config.model.max_position_embeddings}; "
+          "lower config.vcr.max_choice_len or config.data.txt_buckets")
+
+  def check_pipeline(self, config, data, pipe, split: str) -> None:
+    fields = pipe.planner.fields
+    missing = [f for f in CHOICE_FIELDS + ("qa_target", "qar_target") if f not in fields]
+    if missing:
+      raise fmt.DataError(f"{split}: texts lack {missing} ({HOW})")
+    longest = max(max(max(v) for v in fields[k]) for k in ("lens_as", "lens_rs"))
+    if longest > config.vcr.max_choice_len:
+      raise fmt.DataError(f"{split}: a choice has {longest} tokens, more than "
+                          f"config.vcr.max_choice_len={config.vcr.max_choice_len}; raise it")
+    counts = {len(v) for k in ("lens_as", "lens_rs") for v in fields[k]}
+    if counts != {NUM_CHOICES}:
+      raise fmt.DataError(f"{split}: every question needs {NUM_CHOICES} answers and "
+                          f"{NUM_CHOICES} rationales; found {sorted(counts)} ({HOW})")
+    if pipe.config.shuffle:  # the training pipeline: every question needs its gold choices
+      valid = pipe.planner.valid
+      unknown = int(np.sum(valid & ((np.asarray(fields["qa_target"]) < 0)
+                                    | (np.asarray(fields["qar_target"]) < 0))))
+      if unknown:
+        raise fmt.DataError(f"{split}: {unknown} questions have no qa_target / qar_target "
+                            "(-1); training needs both (a test split goes in "
+                            "config.data.test_text_dirs)")
+
+  @staticmethod
+  def _sequences(config) -> Callable:
+    width = int(config.vcr.max_choice_len)
+    return lambda batch, kind, answer=None: choice_batch(batch, kind, max_choice_len=width,
+                                                         answer=answer)
+
+  def objective(self, config, data):
+    build = self._sequences(config)
+
+    def branch_for(kind: str):
+      def branch(model, batch, key, deterministic):
+        logits = model(build(batch, kind), deterministic=deterministic, rngs=key)
+        loss = vcr_loss(logits, choice_targets(batch, kind))
+        picked = jnp.argmax(logits[:, 1].reshape(-1, NUM_CHOICES), axis=1)
+        acc = jnp.mean((picked == batch[f"{kind}_target"]).astype(jnp.float32))
+        return loss, {"accuracy": acc}
+      return branch
+
+    ratio = float(config.vcr.qa_ratio)
+    return step_lib.Objective(
+        names=KINDS, losses=tuple(branch_for(k) for k in KINDS), ratios=(ratio, 1.0 - ratio),
+        aux_names=("accuracy",),
+        logged={k: ((f"train_{k}_accuracy", "accuracy"),) for k in KINDS})
+
+  # -- evaluation ----------------------------------------------------------------------------
+  def _score_fn(self, ctx: base.RunContext, conditioned: bool) -> Callable:
+    """Jitted: class-1 logits, (B, 4) for Q->A and (B, 4) or (B, 4, 4) for QA->R."""
+    key = f"vcr_scores_{conditioned}"
+    if key not in ctx.cache:
+      graphdef, build = ctx.graphdef, self._sequences(ctx.config)
+
+      def fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        score = lambda b: model(b, deterministic=True)[:, 1].reshape(-1, NUM_CHOICES)  # noqa: E731
+        out = {"qa": score(build(batch, "qa"))}
+        if conditioned:  # the official test mode: rationales under each of the 4 answers
+          out["qar_all"] = jnp.stack(
+              [score(build(batch, "qar", jnp.full_like(batch["qa_target"], a)))
+               for a in range(NUM_CHOICES)], axis=1)
+        else:
+          out["qar"] = score(build(batch, "qar"))
+        return out
+
+      ctx.cache[key] = jax.jit(fn)
+    return ctx.cache[key]
+
+  def _run(self, ctx, state, text_dirs, image_dirs, *, strict: bool, conditioned: bool):
+    pipe = classify.eval_pipeline(
+        ctx, text_dirs, image_dirs, strict=strict,
+        check=lambda pipe, split: self.check_pipeline(ctx.config, ctx.data, pipe, split))
+    rows = classify.run_split(ctx, state, pipe, self._score_fn(ctx, conditioned),
+                              what="question", extra_fields=self.step_extra_fields)
+    return rows, pipe
+
+  @staticmethod
+  def _metrics(rows: dict, pipe) -> dict:
+    f = pipe.planner.fields
+    idx = np.array(sorted(rows), np.int64)
+    qa_t, qar_t = np.asarray(f["qa_target"])[idx], np.asarray(f["qar_target"])[idx]
+    known = (qa_t >= 0) & (qar_t >= 0)
+    if not known.any():
+      return {}
+    qa = np.array([rows[i]["qa"].argmax() for i in idx]) == qa_t
+    qar = np.array([rows[i]["qar"].argmax() for i in idx]) == qar_t
+    return {"vcr/qa_accuracy": float(qa[known].mean()),
+            "vcr/qar_accuracy": float(qar[known].mean()),
+            "vcr/q_ar_accuracy": float((qa & qar)[known].mean()),
+            "vcr/questions": int(known.sum()), **classify.skipped(pipe, "questions")}
+
+  def evaluators(self, ctx: base.RunContext):
+    """`vcr`: Q->A, QA->R (under the gold answer) and Q->AR accuracy on val."""
+
+    def evaluate(state) -> dict:
+      if not ctx.data.val_text_dirs:
+        return {}
+      rows, pipe = self._run(ctx, state, ctx.data.val_text_dirs, ctx.data.val_image_dirs,
+                             strict=False, conditioned=False)
+      return self._metrics(rows, pipe)
+
+    return {self.name: evaluate}
+
+  def predictor(self, ctx: base.RunContext):
+    """The leaderboard CSV: annot_id, answer_0..3, rationale_conditioned_on_a{i}_{j} (logits)."""
+
+    def predict(state) -> dict:
+      split, text_dirs, image_dirs = classify.predict_dirs(ctx)
+      rows, pipe = self._run(ctx, state, text_dirs, image_dirs, strict=True, conditioned=True)
+      header = (["annot_id"] + [f"answer_{i}" for i in range(NUM_CHOICES)]
+                + [f"rationale_conditioned_on_a{i}_{j}" for i in range(NUM_CHOICES)
+                   for j in range(NUM_CHOICES)])
+      ids = pipe.planner.text_ids
+      lines = [header] + [[ids[i]] + [f"{v:.6f}" for v in rows[i]["qa"]]
+                          + [f"{v:.6f}" for v in rows[i]["qar_all"].reshape(-1)]
+                          for i in sorted(rows)]
+      path = os.path.join(ctx.workdir, "predictions", split, "vcr_results.csv")
+      text = "".join(",".join(map(str, line)) + "\n" for line in lines)
+      files.write_bytes(path, text.encode(), overwrite=True)
+      # Accuracies as the official test mode would score them (gold answer's rationales).
+      scored = {i: {"qa": r["qa"], "qar": r["qar_all"][max(int(
+          pipe.planner.fields["qa_target"][i]), 0)]} for i, r in rows.items()}
+      return {"predictions": path, "questions": len(rows), **self._metrics(scored, pipe)}
+
+    return predict
+
+
+register(VcrTask())
