@@ -5,6 +5,7 @@ The config's `task` (pretrain, vqa, ...) picks what runs; see configs/*.py for c
 
 import os
 import sys
+from typing import NoReturn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow only reads the input files here; its oneDNN kernels only add start-up log lines.
@@ -13,6 +14,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+# Exit statuses (docs/reliability.md): 0 the run finished; 2 a mistake in how it was asked for
+# (one 'error:' line); 143 = 128 + SIGTERM, what a scheduler sees for a job its SIGTERM ended:
+# stopped after saving a checkpoint, so the same command resumes it.
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 143
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file (get_config(arg)).",
                                 lock_config=True)
@@ -20,6 +27,40 @@ flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics and exp
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
                   "train; eval (held-out metrics of the latest checkpoint); predict (the task's "
                   "result file, e.g. VQA results.json); export (params.msgpack).")
+
+
+def fail(message: str) -> NoReturn:
+  """A user's mistake: one line on stderr and EXIT_USAGE, no traceback."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _flag_error_line(e: Exception) -> str:
+  """One line for a flag error; a config file's own ValueError (e.g. a bad variant) by its text."""
+  text = str(e)
+  last = text.strip().splitlines()[-1].strip() if text.strip() else type(e).__name__
+  if "Traceback" in text and last.startswith("ValueError: "):
+    return f"{text.splitlines()[0].split(': Error')[0]}: {last[len('ValueError: '):]}"
+  if "Traceback" in text:  # a bug in a config file: keep everything
+    return text
+  return text.replace("\n", " ")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a wrong flag, config file, variant or config key is one 'error:' line."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get("task")  # a config file that failed to load raises only when read
+    return rest
+  except flags.Error as e:
+    fail(_flag_error_line(e))
+  except (AttributeError, KeyError) as e:  # a config override naming no config key
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+      e = e.args[0]
+    detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    fail(f"no such config key {' '.join(detail.split())} (keys: the --config file)")
+  except OSError as e:  # the --config file itself
+    fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")  # the cause, e.g. no such file
 
 
 def main(argv):
@@ -32,25 +73,25 @@ def main(argv):
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") \
       or os.environ.get("TPU_WORKER_HOSTNAMES"):
     jax.distributed.initialize()  # several processes: one per host
-  try:  # TensorFlow is only the input pipeline: keep it off the accelerators.
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except Exception:  # pylint: disable=broad-except
-    pass
+  # TensorFlow (the input pipeline only) is imported on first use, off the accelerators
+  # (uniter_jax.data.format._tf), so a mistake found before the data is read costs no TF import.
   import flax  # pylint: disable=import-outside-toplevel
   logging.info("jax %s, flax %s; process %d/%d; devices: %s", jax.__version__,
                flax.__version__, jax.process_index(), jax.process_count(), jax.devices())
   from data_prep import synthetic  # pylint: disable=import-outside-toplevel
   from uniter_jax import train  # pylint: disable=import-outside-toplevel
+  from uniter_jax.data.format import DataError  # pylint: disable=import-outside-toplevel
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode,
                                       make_world=synthetic.ensure_world)
-  except train.RunError as e:  # a user's mistake: the message, not a traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (train.RunError, DataError, FileNotFoundError, FileExistsError) as e:  # a message only
+    fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e))
   logging.info("done: %s", result)
+  if result.get("preempted"):
+    print(f"preempted at step {result['step']}: checkpoint saved; exit status {EXIT_PREEMPTED}; "
+          "the same command resumes", file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,5 @@
-"""VCR fine-tuning: UniterForVcr scores each (question, choice) sequence; Q->A and QA->R trained
-together (config.vcr.qa_ratio of the updates on Q->A), 2-way CE per sequence as train_vcr.py
+"""VCR fine-tuning: UniterForVcr scores each (question, choice) sequence; every update trains
+a question's Q->A and QA->R sequences together, 2-way CE per sequence as train_vcr.py
 (docs/official.md, *Downstream heads: VCR*). The word table grows by the data's extra tokens
 and the type table to 4 rows when a pretrained checkpoint initialises it.
 
@@ -29,7 +29,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.type_vocab_size = 4  # question 0, regions 1, answer 2, rationale 3
   c.vcr = ml_collections.ConfigDict(dict(
       max_choice_len=12,  # tokens per answer / rationale (each sequence holds Q + 1 or 2 choices)
-      qa_ratio=0.5,       # share of updates on Q->A (the rest QA->R), as the official 1:1 mix
   ))
   c.optimizer.grad_clip = 2.0
   c.evals.vcr = ml_collections.ConfigDict(dict(every_steps=250))  # accuracies on val

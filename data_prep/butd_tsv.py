@@ -76,6 +76,9 @@ def read_tsv(path: str, fields: tuple[str, ...] | None = None) -> Iterator[dict]
         raise fmt.DataError(f"{where}: num_boxes/image_w/image_h are not numbers; is --fields right?") from None
       image_id = raw["image_id"]
       where = f"{where} (image {image_id!r})"
+      if not (w > 0 and h > 0):  # boxes are normalised by the size: 0 would give inf
+        raise fmt.DataError(f"{where}: image_w {raw['image_w']} / image_h {raw['image_h']}; both must be > 0 "
+                            "(is --fields right?)")
       boxes = _decode(raw["boxes"], np.float32, where, "boxes")
       feats = _decode(raw["features"], np.float32, where, "features")
       if n == 0:
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
   common.add_output_args(parser)
   args = parser.parse_args(argv)
   common.check_inputs("--tsv", args.tsv)
+  common.check_out(args.out, args.overwrite, inputs=args.tsv)
   fields = tuple(args.fields.split(",")) if args.fields else None
 
   def records():

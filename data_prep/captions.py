@@ -22,7 +22,15 @@ from uniter_jax.data import format as fmt
 
 
 def read_annotations(path: str) -> Iterator[dict]:
-  """Yields {id, image_id, caption} from a COCO captions JSON or a JSONL file."""
+  """Yields {id, image_id, caption} from a COCO captions JSON or a JSONL file; a caption that is
+  not a string, or a byte that is not UTF-8, is a DataError naming the file and the line."""
+  try:
+    yield from _read_annotations(path)
+  except UnicodeDecodeError:
+    raise common.not_utf8(path) from None
+
+
+def _read_annotations(path: str) -> Iterator[dict]:
   with open(path, encoding="utf-8") as f:
     head = f.read(1 << 16).lstrip()
     f.seek(0)
@@ -34,7 +42,8 @@ def read_annotations(path: str) -> Iterator[dict]:
       for i, a in enumerate(data["annotations"]):
         if "caption" not in a or "image_id" not in a:
           raise fmt.DataError(f"{path} annotation #{i}: needs 'image_id' and 'caption'")
-        yield {"id": a.get("id", f"{os.path.basename(path)}:{i}"), "image_id": a["image_id"], "caption": a["caption"]}
+        caption = common.require(a, "caption", f"{path} annotation #{i}")
+        yield {"id": a.get("id", f"{os.path.basename(path)}:{i}"), "image_id": a["image_id"], "caption": caption}
       return
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
@@ -45,7 +54,8 @@ def read_annotations(path: str) -> Iterator[dict]:
         raise fmt.DataError(f"{path} line {line_no}: invalid JSON ({e}); one object per line expected") from None
       if "caption" not in a or "image_id" not in a:
         raise fmt.DataError(f"{path} line {line_no}: needs 'image_id' and 'caption' (has {sorted(a)})")
-      yield {"id": a.get("id", f"{os.path.basename(path)}:{line_no}"), "image_id": a["image_id"], "caption": a["caption"]}
+      caption = common.require(a, "caption", f"{path} line {line_no}")
+      yield {"id": a.get("id", f"{os.path.basename(path)}:{line_no}"), "image_id": a["image_id"], "caption": caption}
 
 
 def format_image_id(template: str, image_id, where: str) -> str:
@@ -67,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
   common.add_output_args(parser, images=False, skip_bad="skip captions that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
   common.check_inputs("--annotations", args.annotations)
+  common.check_out(args.out, args.overwrite, inputs=[*args.annotations, args.vocab])
   tok = common.load_tokenizer(args.vocab, args.lowercase)
 
   def records():

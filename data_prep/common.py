@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
+from uniter_jax import files
 from uniter_jax.data import format as fmt
 from uniter_jax.data.boxes import BoxPolicy
 from uniter_jax.data.tokenizer import WordPieceTokenizer
@@ -38,8 +40,10 @@ def run_cli(main_fn: Callable[[list[str] | None], object], argv: list[str] | Non
 
   0 when it finishes. An input mistake (USER_ERRORS: a DataError, an output folder that exists, an
   input that does not) becomes one 'error: ...' line on stderr and status 1, with no traceback.
-  Command-line usage errors keep argparse's status 2 (usage line plus 'error: ...').
+  Command-line usage errors keep argparse's status 2 (usage line plus 'error: ...'). SIGTERM exits
+  with 143 (128 + SIGTERM) after the writer has removed its temporary folder.
   """
+  previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
     main_fn(argv)
   except USER_ERRORS as e:
@@ -49,7 +53,16 @@ def run_cli(main_fn: Callable[[list[str] | None], object], argv: list[str] | Non
       message = str(e) or type(e).__name__
     print(f"error: {message}", file=sys.stderr)
     return 1
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   return 0
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+  """SIGTERM as SystemExit: the stack unwinds, so a DatasetWriter deletes its temporary folder
+  (Python's default would end the process on the spot and leave it behind)."""
+  del frame
+  raise SystemExit(128 + signum)
 
 
 def add_vocab_args(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +139,10 @@ def print_summary(manifest: dict, out: str) -> None:
   """One-line counts plus counted skips, on stderr."""
   parts = [f"{k}: {manifest[k]['count']}" for k in ("images", "texts") if k in manifest]
   print(f"wrote {out} ({', '.join(parts)})", file=sys.stderr)
+  texts = manifest.get("texts", {})
+  if texts.get("unk_tokens"):
+    print(f"[UNK]: {texts['unk_tokens']} tokens in {texts['texts_with_unk']} of {texts['count']} texts "
+          "(words the --vocab cannot spell; many mean the wrong vocab or --lowercase setting)", file=sys.stderr)
   if manifest.get("skipped"):
     print(f"skipped: {manifest['skipped']} (examples: {manifest.get('skipped_examples')})", file=sys.stderr)
 
@@ -141,15 +158,27 @@ def check_inputs(flag: str, paths: list[str], *, folders: bool = False) -> None:
       raise fmt.DataError(f"{flag} {path}: is a {'file' if folders else 'folder'}, expected a {want}")
 
 
-def check_out(out: str, overwrite: bool) -> None:
-  """Refuses an existing --out before any input is read (the writer checks again)."""
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(
-        f"output folder {os.path.abspath(out)} exists; pick another --out or pass --overwrite to replace it"
-    )
+def check_out(out: str, overwrite: bool, inputs: Iterable[str] = ()) -> None:
+  """Refuses, before any input is read (the writer checks again), an --out that exists (without
+  --overwrite, or that is not a dataset folder we wrote) or that is, is inside, or holds an input."""
+  files.check_apart(out, inputs)
+  files.check_replaceable(out, overwrite=overwrite, not_ours=fmt.not_our_dataset)
 
 
 # -- reading annotations.
+
+
+def not_utf8(path: str) -> fmt.DataError:
+  """The DataError naming the first line of `path` that is not UTF-8 (after a UnicodeDecodeError,
+  whose position is not the file's)."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return fmt.DataError(f"{path} line {line_no}: byte {raw[e.start]:#04x} at column {e.start + 1} is not "
+                             "UTF-8; save the file as UTF-8")
+  return fmt.DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, str, dict]]:
@@ -162,20 +191,23 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, str, dict]]:
   except OSError as e:
     raise fmt.DataError(f"{path}: cannot open ({e.strerror}); check the --annotations path") from None
   with f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {line_no}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise fmt.DataError(
-            f"{where}: not valid JSON ({e.msg} at column {e.colno}); the file must hold one JSON object "
-            "per line (re-download it if it is truncated)"
-        ) from None
-      if not isinstance(obj, dict):
-        raise fmt.DataError(f"{where}: a JSON {type(obj).__name__}, expected one JSON object per line")
-      yield line_no, where, obj
+    try:
+      for line_no, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        where = f"{path} line {line_no}"
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise fmt.DataError(
+              f"{where}: not valid JSON ({e.msg} at column {e.colno}); the file must hold one JSON object "
+              "per line (re-download it if it is truncated)"
+          ) from None
+        if not isinstance(obj, dict):
+          raise fmt.DataError(f"{where}: a JSON {type(obj).__name__}, expected one JSON object per line")
+        yield line_no, where, obj
+    except UnicodeDecodeError:
+      raise not_utf8(path) from None
 
 
 def require(obj: dict, key: str, where: str, kind: type = str):

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "default: skip them, counted under skipped.no_label")
   common.add_output_args(parser, images=False, skip_bad="skip sentences that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
+  common.check_out(args.out, args.overwrite, inputs=[*args.annotations, args.vocab])
   tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(args.annotations, args.out, tok, image_prefix=args.image_prefix,
                  allow_unlabelled=args.allow_unlabelled, overwrite=args.overwrite, skip_bad=args.skip_bad)

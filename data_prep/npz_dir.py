@@ -27,23 +27,28 @@ def read_npz_dir(folder: str, soft_labels: bool = True) -> Iterator[dict]:
   if not paths:
     raise fmt.DataError(f"no .npz files in {folder}; pass the folder that holds the per-image feature files")
   for path in paths:
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-      raise fmt.DataError(f"{path}: unreadable npz ({e}); re-extract it or delete it") from None
-    missing = [k for k in ("features", "norm_bb") if k not in d]
-    if missing:
-      raise fmt.DataError(f"{path}: lacks {missing} (has {sorted(d)}); expected the official keys features, norm_bb, conf")
-    rec = {
-        "image_id": common.strip_npz(os.path.basename(path)),
-        "features": d["features"],
-        "norm_bb": d["norm_bb"],
-        "conf": d.get("conf"),
-    }
-    if soft_labels and "soft_labels" in d:
-      rec["soft_labels"] = d["soft_labels"]
-    yield rec
+    yield read_npz_file(path, soft_labels)
+
+
+def read_npz_file(path: str, soft_labels: bool = True) -> dict:
+  """The image record of one official .npz feature file (image id = its name without .npz)."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      d = {k: z[k] for k in z.files}
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    raise fmt.DataError(f"{path}: unreadable npz ({e}); re-extract it or delete it") from None
+  missing = [k for k in ("features", "norm_bb") if k not in d]
+  if missing:
+    raise fmt.DataError(f"{path}: lacks {missing} (has {sorted(d)}); expected the official keys features, norm_bb, conf")
+  rec = {
+      "image_id": common.strip_npz(os.path.basename(path)),
+      "features": d["features"],
+      "norm_bb": d["norm_bb"],
+      "conf": d.get("conf"),
+  }
+  if soft_labels and "soft_labels" in d:
+    rec["soft_labels"] = d["soft_labels"]
+  return rec
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
   common.add_output_args(parser)
   args = parser.parse_args(argv)
   common.check_inputs("--dir", [args.dir], folders=True)
+  common.check_out(args.out, args.overwrite, inputs=[args.dir])
   manifest = fmt.write_dataset(
       args.out, images=read_npz_dir(args.dir, soft_labels=not args.no_soft_labels), overwrite=args.overwrite,
       skip_bad=args.skip_bad, shard_mb=args.shard_mb, box_policy=common.box_policy(args),

@@ -107,7 +107,7 @@ def convert_texts(refs_path: str, instances_path: str, split: str, out: str, tok
                   image_prefix: str = DEFAULT_IMAGE_PREFIX, max_regions: int = 100, overwrite: bool = False,
                   skip_bad: bool = False) -> dict:
   """Writes the sentences of `split` to `out`; returns the manifest."""
-  common.check_out(out, overwrite)
+  common.check_out(out, overwrite, inputs=[refs_path, instances_path])
   refs = [r for r in read_refs(refs_path) if r["split"] == split]
   if not refs:
     raise fmt.DataError(f"--refs {refs_path}: no ref has split {split!r}; RefCOCO / RefCOCO+ have train, val, "
@@ -181,16 +181,16 @@ def _gt_image_records(inst: Instances, features: str, prefix: str) -> Iterator[d
 
 
 def convert_images(instances_path: str, features: str, out: str, *, image_prefix: str = DEFAULT_IMAGE_PREFIX,
-                   overwrite: bool = False, shard_mb: float = 256.0) -> dict:
+                   overwrite: bool = False, shard_mb: float = 256.0, skip_bad: bool = False) -> dict:
   """Writes the ground-truth-box image records of `features` to `out`; returns the manifest."""
-  common.check_out(out, overwrite)
+  common.check_out(out, overwrite, inputs=[instances_path, features])
   inst = Instances(instances_path)
   records = list(_gt_image_records(inst, features, image_prefix))
   if not records:
     raise fmt.DataError(f"--features {features}: no file named {image_id(0, image_prefix)[:-12]}<12-digit id>.npz "
                         f"for an image of {instances_path}; check --image-prefix")
   manifest = fmt.write_dataset(
-      out, images=records, overwrite=overwrite, box_policy=None, shard_mb=shard_mb,
+      out, images=records, overwrite=overwrite, box_policy=None, shard_mb=shard_mb, skip_bad=skip_bad,
       source="data_prep.refcoco", extraction={"boxes": "ground truth (instances.json annotations)"},
       extra={"source": {"instances": instances_path, "features": features, "image_prefix": image_prefix}})
   common.print_summary(manifest, out)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
   i.add_argument("--instances", required=True, help="the refer instances.json")
   i.add_argument("--features", required=True, help="folder of <PREFIX><12-digit id>.npz with 'features' (n, D)")
   i.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help="image id prefix (default 'coco_')")
-  common.add_output_args(i, skip_bad=None)
+  common.add_output_args(i, skip_bad="skip images with zero boxes or non-finite values (counted)")
   args = parser.parse_args(argv)
   if args.command == "texts":
     common.check_inputs("--refs", [args.refs])
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
   common.check_inputs("--instances", [args.instances])
   common.check_inputs("--features", [args.features], folders=True)
   return convert_images(args.instances, args.features, args.out, image_prefix=args.image_prefix,
-                        overwrite=args.overwrite, shard_mb=args.shard_mb)
+                        overwrite=args.overwrite, shard_mb=args.shard_mb, skip_bad=args.skip_bad)
 
 
 if __name__ == "__main__":

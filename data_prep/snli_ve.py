@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "'flickr30k_{image_id:012d}' for the official UNITER img_db)")
   common.add_output_args(parser, images=False, skip_bad="skip hypotheses that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
+  common.check_out(args.out, args.overwrite, inputs=[*args.annotations, args.vocab])
   tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(args.annotations, args.out, tok, image_id_template=args.image_id_template,
                  overwrite=args.overwrite, skip_bad=args.skip_bad)

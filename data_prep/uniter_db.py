@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   if not args.img_db and not args.txt_db:
     parser.error("give --img-db and/or --txt-db")
+  common.check_out(args.out, args.overwrite,
+                   inputs=[p for p in (args.img_db, *args.txt_db, args.vocab) if p])
 
   images, policy, extraction = None, None, {"source_format": "uniter_img_db"}
   if args.img_db:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sys
 from collections.abc import Iterator
 
@@ -47,6 +46,8 @@ def _load_json(path: str, key: str | None = None):
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
+  except UnicodeDecodeError:
+    raise common.not_utf8(path) from None
   except (OSError, json.JSONDecodeError) as e:
     raise fmt.DataError(f"{path}: cannot read JSON ({e})") from None
   if key is not None:
@@ -112,7 +113,7 @@ def targets(answers: list[str], ans2label: dict[str, int]) -> tuple[list[int], l
 
 def convert(recs: list[dict], out: str, tok: WordPieceTokenizer, ans2label: dict[str, int], *,
             image_id_template: str, train: bool, overwrite: bool = False,
-            source: dict | None = None) -> dict:
+            source: dict | None = None, skip_bad: bool = False) -> dict:
   """Writes the records; returns the manifest (counts under manifest['vqa'])."""
   if not recs:
     raise fmt.DataError("no questions in the input: nothing to convert")
@@ -123,7 +124,7 @@ def convert(recs: list[dict], out: str, tok: WordPieceTokenizer, ans2label: dict
                   question_type="str")
   counts = collections.Counter()
   with fmt.DatasetWriter(out, overwrite=overwrite, tokenizer=tok.info(), text_fields=fields,
-                         source="data_prep.vqa") as w:
+                         source="data_prep.vqa", skip_bad=skip_bad) as w:
     for r in recs:
       rec = {"id": str(r["question_id"]), "question": r["question"],
              "question_id": r["question_id"], "input_ids": tok.encode(r["question"]),
@@ -144,10 +145,10 @@ def convert(recs: list[dict], out: str, tok: WordPieceTokenizer, ans2label: dict
     w.extra["vqa"] = {"counts": dict(counts), "num_answers": len(ans2label),
                       "score": "official VQA accuracy of the answer (10 choose 9 average)",
                       **(source or {})}
-  with open(os.path.join(out, ANS2LABEL), "w", encoding="utf-8") as f:
-    json.dump(ans2label, f)
+    w.add_file(ANS2LABEL, json.dumps(ans2label).encode("utf-8"))  # published with the shards
   manifest = fmt.read_manifest(out)
-  print(f"wrote {out}: {dict(counts)}", file=sys.stderr)
+  common.print_summary(manifest, out)
+  print(f"vqa: {dict(counts)}", file=sys.stderr)
   return manifest
 
 
@@ -165,10 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
                       help="without --ans2label: keep answers that top this many questions")
   parser.add_argument("--eval", action="store_true",
                       help="keep questions without an in-vocabulary answer (val / test splits)")
-  common.add_output_args(parser, images=False, skip_bad=None)
+  common.add_output_args(parser, images=False, skip_bad="skip questions that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
   if args.annotations and len(args.annotations) != len(args.questions):
     parser.error("give one --annotations file per --questions file (or none)")
+  common.check_out(args.out, args.overwrite, inputs=[*args.questions, *args.annotations, *args.vg_qa,
+                                                     args.vocab,
+                                                     *([args.ans2label] if args.ans2label else [])])
   recs = []
   for i, q in enumerate(args.questions):
     recs += read_vqa(q, args.annotations[i] if args.annotations else None)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.error("questions without annotations need --ans2label (the training vocabulary)")
   tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(recs, args.out, tok, ans2label, image_id_template=args.image_id_template,
-                 train=not args.eval, overwrite=args.overwrite,
+                 train=not args.eval, overwrite=args.overwrite, skip_bad=args.skip_bad,
                  source={"questions": args.questions, "annotations": args.annotations,
                          "vg_qa": args.vg_qa})
 

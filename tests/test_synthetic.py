@@ -11,6 +11,7 @@ import collections
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -100,8 +101,14 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
   r = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(out), "--num-images", "20"],
                      env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, capture_output=True, text=True)
   assert r.returncode != 0 and "--overwrite" in r.stderr
-  synthetic.generate(str(out), num_images=20, overwrite=True, workers=1, log=_quiet)
-  assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+  # --overwrite replaces only a synthetic world: the user's folder is kept as it was.
+  with pytest.raises(FileExistsError, match="is not a complete synthetic world"):
+    synthetic.generate(str(out), num_images=20, overwrite=True, workers=1, log=_quiet)
+  assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+  world = tmp_path / "world"
+  synthetic.generate(str(world), num_images=20, workers=1, log=_quiet)
+  synthetic.generate(str(world), num_images=20, seed=1, overwrite=True, workers=1, log=_quiet)
+  assert json.loads((world / "manifest.json").read_text())["seed"] == 1
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left
 
 
@@ -150,7 +157,7 @@ def test_ensure_dataset_reuses_regenerates_and_refuses(world_dir, tmp_path):
     synthetic.ensure_dataset(world_dir, log=_quiet, num_images=N_IMAGES, seed=5, img_dim=IMG_DIM)
   # A killed run leaves only a hidden temporary folder; the next call cleans it and generates.
   new = tmp_path / "fresh"
-  dead = tmp_path / ".fresh.synth-999999999-abcdef"
+  dead = tmp_path / f".fresh.tmp-{socket.gethostname()}-999999999-abcdef"
   dead.mkdir()
   (dead / "images").mkdir()
   assert synthetic.ensure_dataset(str(new), workers=1, log=_quiet, num_images=20) == str(new)

@@ -135,10 +135,14 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
   bad = subprocess.run(cmd + ["--config.total_stepz=3"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
-  assert bad.returncode != 0 and "total_steps" in bad.stderr  # locked config: did you mean
+  # A misspelt key: one line with the locked config's "did you mean", exit status 2.
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+  assert bad.stderr.strip().splitlines() == [
+      "error: no such config key 'total_stepz' Did you mean \"total_steps\" instead of "
+      "\"total_stepz\"? (keys: the --config file)"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_world, tmp_path):
   import signal
   import time
   workdir = str(tmp_path / "preempted")
@@ -157,9 +161,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  # 143 = 128 + SIGTERM: what a scheduler expects of a job its SIGTERM ended (requeue it).
+  assert proc.returncode == 143, err[-3000:]
   steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert len(steps) == 1 and 1 <= steps[0] < 100000
+  assert f"preempted at step {steps[0]}: checkpoint saved; exit status 143" in err
 
 
 def test_non_finite_loss_stops_with_step_and_objective(tiny_world, tmp_path):

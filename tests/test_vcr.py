@@ -79,23 +79,27 @@ def test_qar_sequences_by_hand():
   np.testing.assert_array_equal(other["input_ids"][0, :8], [1, 5, 6, 2, 9, 2, 11, 2])
 
 
+def _config(world, **overrides):
+  return world_config(vcr_config, world, **overrides)
+
+
 @pytest.fixture(scope="module")
 def run(tiny_world, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("vcr") / "run")
-  return workdir, train.train_and_evaluate(world_config(vcr_config, tiny_world), workdir)
+  return workdir, train.train_and_evaluate(_config(tiny_world), workdir)
 
 
 def test_trains_evaluates_and_writes_the_leaderboard_csv(run, tiny_world):
   workdir, out = run
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(r) for r in f]
-  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert all(np.isfinite(r["loss"]) for r in rows) and {"train_qa_accuracy", "train_qar_accuracy"} <= set(rows[-1])
   ev = out["eval"]
   val = list(fmt.iter_text_records(f"{tiny_world}/txt/vcr_val"))
   assert ev["vcr/questions"] == len(val)
   # Q->AR is right only where both are: at most the smaller of the two.
   assert ev["vcr/q_ar_accuracy"] <= min(ev["vcr/qa_accuracy"], ev["vcr/qar_accuracy"]) + 1e-9
-  res = train.train_and_evaluate(world_config(vcr_config, tiny_world), workdir, mode="predict")
+  res = train.train_and_evaluate(_config(tiny_world), workdir, mode="predict")
   with open(res["predictions"]) as f:
     table = list(csv.reader(f))
   assert table[0][:2] == ["annot_id", "answer_0"]
@@ -106,6 +110,6 @@ def test_trains_evaluates_and_writes_the_leaderboard_csv(run, tiny_world):
 
 
 def test_sequences_longer_than_the_position_table_are_refused(tiny_world, tmp_path):
-  cfg = world_config(vcr_config, tiny_world, **{"vcr.max_choice_len": 40})
+  cfg = _config(tiny_world, **{"vcr.max_choice_len": 40})
   with pytest.raises(ValueError, match="config.vcr.max_choice_len"):
     train.train_and_evaluate(cfg, str(tmp_path / "long"))

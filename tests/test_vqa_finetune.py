@@ -166,3 +166,29 @@ def test_a_workdir_of_another_model_is_refused_before_anything_is_written(run, t
   for mode in ("eval", "predict", "export"):
     with pytest.raises(train.RunError, match="no checkpoint"):
       train.train_and_evaluate(_config(tiny_world), str(tmp_path / "empty"), mode=mode)
+
+
+def test_init_from_and_vocab_mistakes_are_named(run, tiny_world, tmp_path, capsys):
+  workdir, _ = run
+  # The workdir's checkpoint wins over config.init_from, and the terminal says so.
+  train.train_and_evaluate(_config(tiny_world, init_from="elsewhere.msgpack",
+                                   export_overwrite=True), workdir, mode="export")
+  assert "(config.init_from=elsewhere.msgpack is not used" in capsys.readouterr().out
+  # init_from that does not exist: refused before anything is written.
+  with pytest.raises(train.RunError, match="init_from=.*missing: no such file or folder"):
+    train.train_and_evaluate(_config(tiny_world, init_from=str(tmp_path / "missing")),
+                             str(tmp_path / "a"))
+  assert not (tmp_path / "a").exists()
+  # init_from that is not a checkpoint: one message naming it and what is expected.
+  bad = tmp_path / "notes.msgpack"
+  bad.write_text("my notes, not a checkpoint")
+  with pytest.raises(train.RunError, match=f"init_from={bad}: .*expected a params.msgpack"):
+    train.train_and_evaluate(_config(tiny_world, init_from=str(bad)), str(tmp_path / "b"),
+                             mode="export")
+  # Texts tokenised with another vocab than the run's (same size, so same model shapes).
+  tokens = open(f"{tiny_world}/vocab.txt", encoding="utf-8").read().splitlines()
+  (tmp_path / "vocab.txt").write_text("\n".join(tokens[:-1] + [tokens[-1] + "x"]) + "\n")
+  with pytest.raises(fmt.DataError, match="vqa_val: texts were tokenised with vocab .*, the "
+                                          "model's vocab is"):
+    train.train_and_evaluate(_config(tiny_world, **{"data.vocab": str(tmp_path / "vocab.txt")}),
+                             workdir, mode="eval")

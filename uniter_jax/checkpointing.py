@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -95,14 +96,47 @@ def read_model_record(path: str) -> dict:
     return json.load(f)
 
 
+def is_model_record(path: str) -> bool:
+  """Whether `path` is a model_config.json this project wrote (it names a model class)."""
+  try:
+    rec = read_model_record(path)
+  except (OSError, ValueError):
+    return False
+  return isinstance(rec, dict) and "model_class" in rec
+
+
+def not_an_export(directory: str) -> str | None:
+  """Why `directory` is not an export this project wrote (None: it is, and overwrite may replace
+  it): only params.msgpack and a model_config.json that names a model class."""
+  if not os.path.isdir(directory):
+    return "is not a folder"
+  other = sorted(set(os.listdir(directory)) - {PARAMS, MODEL_RECORD})
+  if other:
+    return f"holds files an export does not write ({', '.join(other[:5])})"
+  if not is_model_record(os.path.join(directory, MODEL_RECORD)):
+    return f"has no {MODEL_RECORD} written by an export"
+  return None
+
+
 def export_msgpack(model: nnx.Module, directory: str, *, overwrite: bool = False) -> str:
-  """Writes DIR/params.msgpack (pure dict of parameters) and DIR/model_config.json."""
+  """Writes DIR/params.msgpack (pure dict of parameters) and DIR/model_config.json as one unit:
+  both go to a fresh folder that is renamed into place, so DIR never holds the params of one
+  model beside the config of another. An existing DIR is replaced only with overwrite
+  (config.export_overwrite) and when it is an export (not_an_export)."""
+  directory = os.path.abspath(directory)
+  flag = "overwrite=True (--config.export_overwrite=True)"
+  files.check_replaceable(directory, overwrite=overwrite, not_ours=not_an_export, flag=flag)
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  path = os.path.join(directory, PARAMS)
-  files.write_bytes(path, serialization.msgpack_serialize(params), overwrite=overwrite)
-  write_model_record(os.path.join(directory, MODEL_RECORD), registry.record(model),
-                     overwrite=overwrite)
-  return path
+  tmp = files.temp_dir_beside(directory)
+  try:
+    files.write_bytes(os.path.join(tmp, PARAMS), serialization.msgpack_serialize(params),
+                      overwrite=False)
+    write_model_record(os.path.join(tmp, MODEL_RECORD), registry.record(model), overwrite=False)
+    files.publish_dir(tmp, directory, overwrite=overwrite, not_ours=not_an_export, flag=flag)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return os.path.join(directory, PARAMS)
 
 
 def read_msgpack(path: str) -> dict:
@@ -126,6 +160,7 @@ def load_params_into(model: nnx.Module, pure: dict, *, strict: bool = True,
     grown = registry.grow_table(model, k, v)
     if grown is not None:
       flat_in[k] = grown
+  flat_in = registry.copy_units(model, flat_in)  # e.g. retrieval's rank_output from ITM
   missing = sorted(set(flat_ours) - set(flat_in))
   extra = sorted(set(flat_in) - set(flat_ours))
   if strict and (missing or extra):

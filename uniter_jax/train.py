@@ -55,8 +55,9 @@ def model_config_from(config, data_sizes: dict | None = None) -> UniterConfig:
   for name in _FROM_DATA:
     if fields[name] == -1:
       if not data_sizes or data_sizes.get(name) is None:
-        raise ValueError(f"config.model.{name} is -1 (from the data) but the data does not "
-                         f"declare it; set --config.model.{name}=N")
+        source = "a vocab (--config.data.vocab=PATH)" if name == "vocab_size" else "it"
+        raise RunError(f"config.model.{name} is -1 (from the data) but the data does not "
+                       f"declare {source}; set --config.model.{name}=N")
       fields[name] = int(data_sizes[name])
   for name in _OPTIONAL_STR:
     fields[name] = fields[name] or None
@@ -65,8 +66,12 @@ def model_config_from(config, data_sizes: dict | None = None) -> UniterConfig:
 
 def make_pipeline(config, text_dirs, image_dirs, mesh, rules, *, model_cfg: UniterConfig,
                   seed: int, train: bool, state: dict | None = None,
-                  soft_labels: bool | None = None, **overrides):
-  """The input pipeline of a run; `overrides` are PipelineConfig fields (eval: drop_remainder)."""
+                  soft_labels: bool | None = None, vocab_hash: str | None = None, **overrides):
+  """The input pipeline of a run; `overrides` are PipelineConfig fields (eval: drop_remainder).
+
+  vocab_hash (the run's vocab.txt, data_sizes): text folders tokenised with another vocab stop
+  the run, naming both.
+  """
   from uniter_jax.data.pipeline import InputPipeline, PipelineConfig  # pylint: disable=import-outside-toplevel
   d = config.data
   pc = PipelineConfig(
@@ -74,18 +79,34 @@ def make_pipeline(config, text_dirs, image_dirs, mesh, rules, *, model_cfg: Unit
       token_budget=d.token_budget or 16384, batch_size=d.batch_size or None,
       max_txt_len=d.max_txt_len, seed=seed, shuffle=train, drop_remainder=True,
       feat_dtype=d.feat_dtype, img_dim=model_cfg.img_dim, vocab_size=model_cfg.vocab_size,
-      soft_labels=soft_labels, batch_axes=sharding.batch_axes(rules))
+      vocab_hash=vocab_hash, soft_labels=soft_labels, batch_axes=sharding.batch_axes(rules))
   return InputPipeline(text_dirs, image_dirs, mesh=mesh, config=pc, state=state, **overrides)
 
 
+def check_data_folders(spec: DataSpec) -> None:
+  """The training folders and the vocab a run names exist (a typo stops it in seconds, naming
+  the config key); held-out and test folders are checked where they are read."""
+  for key in ("text_dirs", "image_dirs"):
+    for d in getattr(spec, key):
+      if not os.path.isdir(d):
+        raise RunError(f"config.data.{key}: {d}: no such folder (a dataset folder made by data_prep)")
+  if spec.vocab and not os.path.isfile(spec.vocab):
+    raise RunError(f"config.data.vocab: {spec.vocab}: no such file")
+
+
 def data_sizes(spec: DataSpec) -> dict:
-  """img_dim, img_label_dim and vocab_size as the data declares them."""
+  """img_dim, img_label_dim, vocab_size and vocab_hash as the data declares them."""
   from uniter_jax.data import format as fmt  # pylint: disable=import-outside-toplevel
+  from uniter_jax.data.tokenizer import WordPieceTokenizer  # pylint: disable=import-outside-toplevel
   images = fmt.read_manifest(spec.image_dirs[0]).get("images", {})
   out = {"img_dim": images.get("feat_dim"), "img_label_dim": images.get("label_dim")}
   if spec.vocab:
     with open(spec.vocab, encoding="utf-8") as f:
       out["vocab_size"] = sum(1 for _ in f)
+    try:
+      out["vocab_hash"] = WordPieceTokenizer(spec.vocab).vocab_hash
+    except ValueError as e:
+      raise fmt.DataError(f"config.data.vocab: {e}") from None
   return out
 
 
@@ -163,6 +184,7 @@ def load_init_from(path: str, state: dict, graphdef) -> dict:
     flat = pytree.flatten(nnx.to_pure_dict(restored))
     for p in grown:
       flat[p] = registry.grow_table(model, p, np.asarray(flat[p]))
+    flat = registry.copy_units(model, flat)  # e.g. retrieval's rank_output from ITM
     kept = sorted(str(k) for k in params.keys() if k not in have)
     if kept:
       logging.info("init_from %s: %s keep their init", path, kept)
@@ -307,8 +329,10 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
 
   # -- Data ------------------------------------------------------------------------------
   spec = resolve_data(config, make_world)
+  check_data_folders(spec)
   task.check_data(config, spec)
-  model_cfg = model_config_from(config, data_sizes(spec))
+  sizes = data_sizes(spec)
+  model_cfg = model_config_from(config, sizes)
   model_kwargs = task.model_kwargs(config, spec)
   record = registry.make_record(task.model_class, model_cfg, model_kwargs)
   record_path = os.path.join(workdir, checkpointing.MODEL_RECORD)
@@ -317,6 +341,8 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   if mode != "train" and not has_checkpoint and not config.init_from:
     raise RunError(f"--mode={mode}: {workdir} has no checkpoint and config.init_from is empty; "
                    "train first, or pass --config.init_from=PATH")
+  if config.init_from and not has_checkpoint and not os.path.exists(config.init_from):
+    raise RunError(f"config.init_from={config.init_from}: no such file or folder")
   os.makedirs(workdir, exist_ok=True)
   checkpointing.write_model_record(record_path, record, overwrite=True)  # same shapes
   # The resolved config of this invocation (the last one, when a workdir is resumed).
@@ -352,7 +378,14 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   else:
     state = create_state(init_fn, shardings, mesh, rules)
     if config.init_from:
-      state = load_init_from(config.init_from, state, graphdef)
+      try:
+        state = load_init_from(config.init_from, state, graphdef)
+      except RunError:
+        raise
+      except (ValueError, OSError) as e:  # not a checkpoint, or one of another model
+        raise RunError(f"config.init_from={config.init_from}: {e}; expected a params.msgpack "
+                       "(or its export folder), an orbax workdir, or an official .pt / .npz "
+                       "/ .safetensors") from e
       say("initialised parameters from %s", config.init_from)
 
   if mode == "export":
@@ -367,7 +400,8 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
       config=config, workdir=workdir, mesh=mesh, rules=rules, data=spec,
       model_cfg=model_cfg, graphdef=graphdef, say=say,
       pipeline=functools.partial(make_pipeline, config, mesh=mesh, rules=rules,
-                                 model_cfg=model_cfg, seed=0))
+                                 model_cfg=model_cfg, seed=0,
+                                 vocab_hash=sizes.get("vocab_hash")))
   evaluators = task.evaluators(ctx)
   missing = [n for n in evaluators if n not in config.get("evals", {})]
   if missing:
@@ -398,6 +432,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   step_fn = step_lib.make_train_step(graphdef, tx, objective, rules=rules, schedule=schedule)
   pipe = make_pipeline(config, spec.text_dirs, spec.image_dirs, mesh, rules,
                        model_cfg=model_cfg, seed=config.seed, train=True,
+                       vocab_hash=sizes.get("vocab_hash"),
                        state=data_state or None,
                        soft_labels=True if task.needs_soft_labels(config) else None)
   task.check_pipeline(config, spec, pipe, "train")
@@ -504,8 +539,10 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
       ckpt.wait_until_finished()
       writer.close()
       eval_writer.close()
+  # Preempted: SIGTERM, or orbax's multi-host preemption notice (main.py exits with 143).
+  preempted = preempt.requested or ckpt.reached_preemption(step)
   ckpt.close()
-  return {"step": step, "eval": last_eval, "preempted": preempt.requested}
+  return {"step": step, "eval": last_eval, "preempted": bool(preempted)}
 
 
 def _rounded(result: dict) -> dict:

@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import time
-import uuid
 
 import numpy as np
 
 from data_prep.synthetic import baselines, detector, featurizer, scene as scene_lib, world as world_lib
 from data_prep.synthetic.tasks import lexicon, vqa
+from uniter_jax import files
 from uniter_jax.data import format as fmt
 from uniter_jax.data.tokenizer import WordPieceTokenizer
 
@@ -243,30 +243,6 @@ def _manifest(cfg, world, texts, counts, tok) -> dict:
 # ---- publishing ---------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _clean_stale_tmp(out: str) -> None:
-  """Removes temporary folders of earlier generator runs that died (their pid is gone)."""
-  parent, name = os.path.split(out)
-  prefix = f".{name}.synth-"
-  for entry in os.listdir(parent) if os.path.isdir(parent) else []:
-    if entry.startswith(prefix):
-      try:
-        pid = int(entry[len(prefix):].split("-")[0])
-      except ValueError:
-        continue
-      if not _pid_alive(pid):
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
 def read_world_manifest(path: str) -> dict | None:
   """The manifest of a complete synthetic world at path, or None."""
   try:
@@ -275,6 +251,13 @@ def read_world_manifest(path: str) -> dict | None:
   except (OSError, json.JSONDecodeError):
     return None
   return m if m.get("generator") == GENERATOR and m.get("complete") else None
+
+
+def _not_a_world(path: str) -> str | None:
+  """Why `path` is not a synthetic world (None: it is one, and --overwrite may replace it)."""
+  if read_world_manifest(path) is None:
+    return f"is not a complete synthetic world (no {MANIFEST} of {GENERATOR})"
+  return None
 
 
 def default_workers() -> int:
@@ -295,24 +278,11 @@ def generate(out: str, *, overwrite: bool = False, workers: int | None = None, l
   """
   cfg = world_lib.Config(**config)
   out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"{out} exists; pick another --out or pass --overwrite to replace it")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  _clean_stale_tmp(out)
-  tmp = os.path.join(parent, f".{os.path.basename(out)}.synth-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-  os.makedirs(tmp)
+  files.check_replaceable(out, overwrite=overwrite, not_ours=_not_a_world)
+  tmp = files.temp_dir_beside(out)  # also removes those of killed runs
   try:
     manifest = write_world(tmp, cfg, workers=default_workers() if workers is None else workers, log=log)
-    old = None
-    if os.path.exists(out):
-      if not overwrite:
-        raise FileExistsError(f"{out} appeared while generating; pass --overwrite to replace it")
-      old = tmp + ".old"
-      os.rename(out, old)
-    os.rename(tmp, out)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    files.publish_dir(tmp, out, overwrite=overwrite, not_ours=_not_a_world)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -45,13 +45,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from uniter_jax import files
 from uniter_jax.data.boxes import BoxPolicy, img_pos_from_norm_bb
 
 FORMAT_NAME = "uniter_jax.regions"
@@ -60,6 +61,8 @@ MANIFEST = "manifest.json"
 IMAGE_INDEX = "image_index.json"
 FIELD_TYPES = ("int", "float", "str", "int_list", "float_list", "str_list")
 _RESERVED_TEXT_KEYS = ("id", "image_id", "image_ids", "input_ids")
+# Written beside a dataset by data_prep.vqa before datasets listed their extra files.
+_UNLISTED_FILES = ("ans2label.json",)
 
 
 class DataError(ValueError):
@@ -71,10 +74,11 @@ def _tf():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  try:  # The pipeline runs on CPU; keep TF off any accelerator JAX uses.
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, ValueError):
-    pass
+  for kind in ("GPU", "TPU"):  # The pipeline runs on CPU; keep TF off any accelerator JAX uses.
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):
+      pass
   return tf
 
 
@@ -143,14 +147,8 @@ class DatasetWriter:
       extra: dict | None = None,
   ):
     self.out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(self.out_dir) and not overwrite:
-      raise FileExistsError(
-          f"output folder {self.out_dir} exists; pick another --out or pass --overwrite (overwrite=True) to replace it"
-      )
-    parent = os.path.dirname(self.out_dir)
-    os.makedirs(parent, exist_ok=True)
-    self.tmp_dir = os.path.join(parent, f".{os.path.basename(self.out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(self.tmp_dir)
+    files.check_replaceable(self.out_dir, overwrite=overwrite, not_ours=not_our_dataset)
+    self.tmp_dir = files.temp_dir_beside(self.out_dir)
     self._tf = _tf()
     self.overwrite = overwrite
     self.source = source
@@ -171,6 +169,9 @@ class DatasetWriter:
     self.images_per_text: int | None = None
     self.skipped: dict[str, int] = {}
     self.skip_examples: dict[str, list[str]] = {}
+    self._files: list[str] = []  # add_file's names, listed in the manifest
+    self._unk_tokens = 0  # [UNK] ids in the texts (words the vocab cannot spell)
+    self._texts_with_unk = 0
     # Per kind: list of finished shards, open writer, its record count and byte size.
     self._shards: dict[str, list[dict]] = {"images": [], "texts": []}
     self._writer: dict[str, Any] = {"images": None, "texts": None}
@@ -316,8 +317,11 @@ class DatasetWriter:
       return False
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported below
       f16 = feats.astype(np.float16)
-    if not (np.isfinite(f16).all() and np.isfinite(pos).all()):
-      what = "features" if not np.isfinite(f16).all() else "img_pos"
+      soft16 = None if soft is None else np.asarray(soft).astype(np.float16)
+    arrays = {"features": f16, "img_pos": pos, "conf": conf, "soft_labels": soft16}
+    bad = [k for k, a in arrays.items() if a is not None and not np.isfinite(a).all()]
+    if bad:
+      what = " and ".join(bad)
       self._bad(
           "non_finite",
           f"{where}: NaN or inf in {what} (also values beyond float16 range, 65504); "
@@ -399,6 +403,11 @@ class DatasetWriter:
       feat["x:" + k] = self._encode_field(tf, where, k, self.text_fields[k], v)
     self._text_ids.add(tid)
     self._ntok.append(int(ids.size))
+    unk_id = (self.tokenizer or {}).get("unk_id")
+    if unk_id is not None:  # words the vocab cannot spell: counted, so a wrong vocab shows
+      n_unk = int((ids == unk_id).sum())
+      self._unk_tokens += n_unk
+      self._texts_with_unk += n_unk > 0
     self._write("texts", tf.train.Example(features=tf.train.Features(feature=feat)))
     return True
 
@@ -472,6 +481,8 @@ class DatasetWriter:
           "fields": self.text_fields,
           "tokenizer": self.tokenizer,
           "num_tokens": {"min": int(ntok.min()), "max": int(ntok.max()), "mean": round(float(ntok.mean()), 3)},
+          "unk_tokens": self._unk_tokens,
+          "texts_with_unk": self._texts_with_unk,
           "shards": self._shards["texts"],
       }
     if not self._count["images"] and not self._count["texts"]:
@@ -480,21 +491,44 @@ class DatasetWriter:
           f"nothing to write to {self.out_dir}: every record was skipped or the input was empty "
           f"(skipped: {self.skipped or 'none'}); check the input paths"
       )
+    if self._files:
+      manifest["files"] = list(self._files)
     with open(os.path.join(self.tmp_dir, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
-    # Publish: move an existing folder aside only now, so a failure above keeps the old data.
-    old = None
-    if os.path.exists(self.out_dir):
-      if not self.overwrite:
-        self.abort()
-        raise FileExistsError(f"output folder {self.out_dir} appeared while writing; pass --overwrite to replace it")
-      old = self.tmp_dir + ".old"
-      os.rename(self.out_dir, old)
-    os.rename(self.tmp_dir, self.out_dir)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    # Publish: an existing folder is moved aside only now, so a failure above keeps the old data.
+    try:
+      files.publish_dir(self.tmp_dir, self.out_dir, overwrite=self.overwrite, not_ours=not_our_dataset)
+    except BaseException:
+      self.abort()
+      raise
     self._closed = True
     return manifest
+
+  def add_file(self, name: str, data: bytes) -> None:
+    """Adds a file beside the shards (e.g. VQA's ans2label.json), published with the dataset."""
+    if os.path.basename(name) != name or name in (MANIFEST, IMAGE_INDEX):
+      raise ValueError(f"add_file: {name!r} must be a plain file name other than {MANIFEST} / {IMAGE_INDEX}")
+    with open(os.path.join(self.tmp_dir, name), "wb") as f:
+      f.write(data)
+    self._files.append(name)
+
+
+def not_our_dataset(path: str) -> str | None:
+  """Why `path` is not a dataset folder this project wrote; None when it is (--overwrite may
+  replace it): a folder with our manifest.json and only the files that manifest lists."""
+  if not os.path.isdir(path):
+    return "is not a folder"
+  try:
+    m = read_manifest(path)
+  except DataError:
+    return f"is not a dataset made by data_prep (no {FORMAT_NAME} {MANIFEST})"
+  ours = {MANIFEST, m.get("images", {}).get("index_file", IMAGE_INDEX), *m.get("files", ()), *_UNLISTED_FILES}
+  for kind in ("images", "texts"):
+    ours.update(shard["file"] for shard in m.get(kind, {}).get("shards", ()))
+  other = sorted(set(os.listdir(path)) - ours)
+  if other:
+    return f"holds files its {MANIFEST} does not list ({', '.join(other[:5])}{' ...' if len(other) > 5 else ''})"
+  return None
 
 
 def write_dataset(
@@ -565,6 +599,12 @@ def shard_paths(path: str | os.PathLike, kind: str, manifest: dict | None = None
   return out
 
 
+def _tf_reason(e) -> str:
+  """TensorFlow's error text without its graph node names ('corrupted record at 191334')."""
+  text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname: *$", "", e.message.splitlines()[0])
+  return " ".join(text.split())
+
+
 def _iter_examples(paths: list[str]) -> Iterator[tuple[str, int, Any]]:
   """(file, record number, tf.train.Example) over shards, with corrupt-shard errors named."""
   tf = _tf()
@@ -576,7 +616,7 @@ def _iter_examples(paths: list[str]) -> Iterator[tuple[str, int, Any]]:
         i += 1
     except tf.errors.DataLossError as e:
       raise DataError(
-          f"shard {p} is corrupt or truncated at record {i} ({e.message.splitlines()[0]}); "
+          f"shard {p} is corrupt or truncated at record {i} ({_tf_reason(e)}); "
           "copy it again or re-run the converter with --overwrite"
       ) from None
 
@@ -590,7 +630,28 @@ def _ints(ex, key):
 
 
 def decode_image_example(ex, where: str = "") -> dict:
-  """A tf.train.Example of an image shard -> NumPy dict."""
+  """A tf.train.Example of an image shard -> NumPy dict; a record that does not decode (missing
+  field, wrong sizes) is a DataError naming `where`."""
+  try:
+    return _decode_image(ex, where)
+  except (IndexError, ValueError, UnicodeDecodeError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"{where}: not a valid image record ({e}); re-run the converter") from None
+
+
+def check_image_shard(path: str, feat_dim: int | None = None) -> None:
+  """Reads and decodes every record of one image shard (features `feat_dim`-d, the manifest's);
+  a DataError names the file and the record of the first bad one."""
+  for p, i, ex in _iter_examples([path]):
+    where = f"shard {p} record {i}"
+    d = decode_image_example(ex, where)["features"].shape[1]
+    if feat_dim is not None and d != feat_dim:
+      raise DataError(f"{where}: {d}-d features, the manifest says {feat_dim}-d; the shard does not "
+                      "belong to this dataset, re-run the converter")
+
+
+def _decode_image(ex, where: str) -> dict:
   n = _ints(ex, "num_boxes")[0]
   d = _ints(ex, "feat_dim")[0]
   feats = np.frombuffer(_bytes(ex, "features")[0], "<f2")
@@ -730,7 +791,7 @@ def load_text_table(path: str | os.PathLike) -> dict:
         n += len(b["id"])
     except tf.errors.DataLossError as e:
       raise DataError(
-          f"shard {p} is corrupt or truncated near record {n} ({e.message.splitlines()[0]}); "
+          f"shard {p} is corrupt or truncated near record {n} ({_tf_reason(e)}); "
           "copy it again or re-run the converter with --overwrite"
       ) from None
   out["manifest"] = manifest

@@ -329,17 +329,37 @@ class InputPipeline:
     """(host-local NumPy batch, position after it) in step order, from (epoch, step) on."""
     c = self.config
     nb = self.planner.num_buckets
+    tf = fmt._tf()  # pylint: disable=protected-access
     while c.num_epochs is None or epoch < c.num_epochs:
       pending: dict[int, dict] = {}  # batches that completed on this host before their step
-      for batch in self._epoch_dataset(epoch, step).as_numpy_iterator():
-        pending[int(batch.pop("key")[0]) // nb] = batch
-        while step in pending:
-          out = pending.pop(step)
-          step += 1
-          yield out, ((epoch, step) if step < self.steps_per_epoch else (epoch + 1, 0))
+      try:
+        for batch in self._epoch_dataset(epoch, step).as_numpy_iterator():
+          pending[int(batch.pop("key")[0]) // nb] = batch
+          while step in pending:
+            out = pending.pop(step)
+            step += 1
+            yield out, ((epoch, step) if step < self.steps_per_epoch else (epoch + 1, 0))
+      except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+        bad = self._first_bad_shard()
+        if bad is None:  # not a damaged shard: keep TensorFlow's error
+          raise
+        raise bad from None
       if pending or step != self.steps_per_epoch:
         raise RuntimeError(f"epoch {epoch} ended at step {step} of {self.steps_per_epoch} with {len(pending)} pending")
       epoch, step = epoch + 1, 0
+
+  def _first_bad_shard(self) -> fmt.DataError | None:
+    """The DataError naming the first unreadable image shard (file and record), if any.
+
+    tf.data's error names neither (shards are read several at a time inside the graph), so
+    the shards are re-read one by one; this costs a pass over the images, on failure only.
+    """
+    for shard in self.planner.shards:
+      try:
+        fmt.check_image_shard(shard.path, self.planner.feat_dim)
+      except fmt.DataError as e:
+        return e
+    return None
 
   def host_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """Host-local NumPy batches in step order from the current state (advances the state)."""

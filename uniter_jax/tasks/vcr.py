@@ -1,6 +1,6 @@
 """VCR fine-tuning (docs/official.md, *Downstream heads: VCR*): Q->A and QA->R as a per-choice
-binary classifier, trained on both (two objective branches, as the official training mixes its
-qa and qar datasets), evaluated as Q->A, QA->R (under the gold answer) and Q->AR accuracy.
+binary classifier, trained on both in every update (the official training mixes its qa and
+qar datasets), evaluated as Q->A, QA->R (under the gold answer) and Q->AR accuracy.
 
 Text records (the synthetic world's vcr_* splits; VCR converted to the same fields) hold the
 question as `input_ids`, the 4 answers and 4 rationales as `input_ids_as` / `input_ids_rs` with
@@ -22,7 +22,7 @@ from uniter_jax import train_step as step_lib
 from uniter_jax.data import format as fmt
 from uniter_jax.models.vcr import vcr_loss
 from uniter_jax.tasks import base, classify, register
-from uniter_jax.tasks.vcr_inputs import NUM_CHOICES, choice_batch, choice_targets
+from uniter_jax.tasks.vcr_inputs import NUM_CHOICES, choice_batch, choice_targets, stacked
 
 HOW = ("VCR texts need input_ids_as / lens_as / input_ids_rs / lens_rs (4 choices each) and "
        "qa_target / qar_target, as the synthetic world's vcr_* splits")
@@ -71,47 +71,53 @@ class VcrTask(base.Task):
                             "config.data.test_text_dirs)")
 
   @staticmethod
-  def _sequences(config) -> Callable:
+  def _score_rows(config) -> Callable:
+    """(model, batch, deterministic, key, answers) -> class-1 logits (K, B, 4) and logits
+    (4BK, 2) of K choice sets, in one forward pass: Q->A, then QA->R under each of `answers`
+    ((B,) arrays; None = the gold answer)."""
     width = int(config.vcr.max_choice_len)
-    return lambda batch, kind, answer=None: choice_batch(batch, kind, max_choice_len=width,
-                                                         answer=answer)
+
+    def score(model, batch, deterministic, key, answers):
+      sets = [choice_batch(batch, "qa", max_choice_len=width)]
+      sets += [choice_batch(batch, "qar", max_choice_len=width, answer=a) for a in answers]
+      logits = model(stacked(sets), deterministic=deterministic, rngs=key)
+      return logits[:, 1].reshape(len(sets), -1, NUM_CHOICES), logits
+
+    return score
 
   def objective(self, config, data):
-    build = self._sequences(config)
+    """One branch: each question's Q->A and QA->R sequences in one forward pass, 2-way CE
+    per sequence, mean over all 8 (the official loader mixes qa and qar sequences in a batch)."""
+    score = self._score_rows(config)
 
-    def branch_for(kind: str):
-      def branch(model, batch, key, deterministic):
-        logits = model(build(batch, kind), deterministic=deterministic, rngs=key)
-        loss = vcr_loss(logits, choice_targets(batch, kind))
-        picked = jnp.argmax(logits[:, 1].reshape(-1, NUM_CHOICES), axis=1)
-        acc = jnp.mean((picked == batch[f"{kind}_target"]).astype(jnp.float32))
-        return loss, {"accuracy": acc}
-      return branch
+    def branch(model, batch, key, deterministic):
+      scores, logits = score(model, batch, deterministic, key, [None])
+      target = jnp.concatenate([choice_targets(batch, k) for k in KINDS])
+      aux = {f"{k}_accuracy": jnp.mean((jnp.argmax(scores[i], 1) == batch[f"{k}_target"]
+                                        ).astype(jnp.float32)) for i, k in enumerate(KINDS)}
+      return vcr_loss(logits, target), aux
 
-    ratio = float(config.vcr.qa_ratio)
     return step_lib.Objective(
-        names=KINDS, losses=tuple(branch_for(k) for k in KINDS), ratios=(ratio, 1.0 - ratio),
-        aux_names=("accuracy",),
-        logged={k: ((f"train_{k}_accuracy", "accuracy"),) for k in KINDS})
+        names=(self.name,), losses=(branch,), ratios=(1.0,),
+        aux_names=tuple(f"{k}_accuracy" for k in KINDS),
+        logged={self.name: tuple((f"train_{k}_accuracy", f"{k}_accuracy") for k in KINDS)})
 
   # -- evaluation ----------------------------------------------------------------------------
   def _score_fn(self, ctx: base.RunContext, conditioned: bool) -> Callable:
-    """Jitted: class-1 logits, (B, 4) for Q->A and (B, 4) or (B, 4, 4) for QA->R."""
+    """Jitted: class-1 logits, qa (B, 4) and qar (B, 4) (gold answer) or qar_all (B, 4, 4)."""
     key = f"vcr_scores_{conditioned}"
     if key not in ctx.cache:
-      graphdef, build = ctx.graphdef, self._sequences(ctx.config)
+      graphdef, score = ctx.graphdef, self._score_rows(ctx.config)
 
       def fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        score = lambda b: model(b, deterministic=True)[:, 1].reshape(-1, NUM_CHOICES)  # noqa: E731
-        out = {"qa": score(build(batch, "qa"))}
-        if conditioned:  # the official test mode: rationales under each of the 4 answers
-          out["qar_all"] = jnp.stack(
-              [score(build(batch, "qar", jnp.full_like(batch["qa_target"], a)))
-               for a in range(NUM_CHOICES)], axis=1)
-        else:
-          out["qar"] = score(build(batch, "qar"))
-        return out
+        if not conditioned:
+          s, _ = score(model, batch, True, None, [None])
+          return {"qa": s[0], "qar": s[1]}
+        # The official test mode: the rationales under each of the 4 answers.
+        answers = [jnp.full_like(batch["qa_target"], a) for a in range(NUM_CHOICES)]
+        s, _ = score(model, batch, True, None, answers)
+        return {"qa": s[0], "qar_all": jnp.moveaxis(s[1:], 0, 1)}
 
       ctx.cache[key] = jax.jit(fn)
     return ctx.cache[key]

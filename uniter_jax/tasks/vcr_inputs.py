@@ -104,3 +104,18 @@ def choice_targets(batch: Mapping[str, Any], kind: str) -> jax.Array:
   gold = batch["qa_target" if kind == "qa" else "qar_target"].astype(jnp.int32)
   every = jnp.arange(NUM_CHOICES, dtype=jnp.int32)[None]
   return (every == gold[:, None]).astype(jnp.int32).reshape(-1)
+
+
+def stacked(batches: list[dict]) -> dict:
+  """Several choice batches (each 4B rows) as one: text padded to the widest, rows stacked in
+  order, so one forward pass (one compiled program) scores them all."""
+  width = max(b["input_ids"].shape[1] for b in batches)
+
+  def pad(x):
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+  out = {k: jnp.concatenate([pad(b[k]) for b in batches])
+         for k in ("input_ids", "txt_type_ids", "txt_mask")}
+  out.update({k: jnp.concatenate([b[k] for b in batches]) for k in IMAGE_KEYS
+              if k in batches[0]})
+  return out

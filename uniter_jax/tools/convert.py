@@ -20,9 +20,10 @@ import pathlib
 import sys
 from typing import Sequence
 
+import numpy as np
 from flax import nnx, serialization
 
-from uniter_jax import checkpointing, files, interop
+from uniter_jax import checkpointing, files, interop, pytree
 from uniter_jax.interop import io
 from uniter_jax.models import registry
 
@@ -33,15 +34,33 @@ def config_path_for(params_path: io.PathLike) -> pathlib.Path:
 
 
 def save_msgpack(model: nnx.Module, out: io.PathLike, *, overwrite: bool = False) -> None:
-  """Writes `out` (msgpack params) and model_config.json beside it, each via temp + rename."""
+  """Writes `out` (msgpack params) and model_config.json beside it, each via temp + rename.
+
+  With overwrite, an existing model_config.json beside `out` is replaced only when this project
+  wrote it (an official config JSON of that name is kept).
+  """
   out = pathlib.Path(out)
   cfg_path = config_path_for(out)
   for p in (out, cfg_path):  # Check both first so a refusal leaves nothing half-written.
     if p.exists() and not overwrite:
       raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it")
+  if cfg_path.exists() and not checkpointing.is_model_record(str(cfg_path)):
+    raise FileExistsError(f"{cfg_path} is not a model_config.json written by uniter_jax; "
+                          "--overwrite replaces only files this project wrote: pick another --out "
+                          "folder")
   data = serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   files.write_bytes(out, data, overwrite=overwrite)
   checkpointing.write_model_record(str(cfg_path), registry.record(model), overwrite=overwrite)
+
+
+def check_finite(model: nnx.Module, where: io.PathLike) -> None:
+  """A ValueError naming the parameters that hold NaN or inf: a damaged checkpoint is not
+  converted silently."""
+  flat = pytree.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  bad = ["/".join(map(str, k)) for k, v in flat.items() if not np.isfinite(np.asarray(v)).all()]
+  if bad:
+    raise ValueError(f"{where}: NaN or inf in {len(bad)} parameter(s) ({', '.join(bad[:5])}"
+                     f"{' ...' if len(bad) > 5 else ''}); the checkpoint is damaged, nothing was written")
 
 
 def load_msgpack(path: io.PathLike, record: io.PathLike | None = None) -> nnx.Module:
@@ -78,18 +97,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
   try:
+    # Writing over an input (or the config beside the params being written) would destroy it.
+    inputs = [p for p in (args.from_official, args.to_official, args.model_config) if p]
+    files.check_apart(args.out, inputs)
     if args.from_official:
+      files.check_apart(config_path_for(args.out), inputs, flag="--out's model_config.json")
       kwargs = {"num_answers": args.num_answers} if args.num_answers else {}
       allow = (False if args.allow_missing is None
                else (args.allow_missing or True))
       model, report = interop.load_official_checkpoint(
           args.from_official, args.model_config, task=args.task, allow_missing=allow,
           return_report=True, **kwargs)
+      check_finite(model, args.from_official)
       save_msgpack(model, args.out, overwrite=args.overwrite)
       print(report.table())
       print(f"wrote {args.out} and {config_path_for(args.out)}")
     else:
       model = load_msgpack(args.to_official, args.model_config)
+      check_finite(model, args.to_official)
       interop.save_official_checkpoint(model, args.out, overwrite=args.overwrite)
       print(f"wrote {args.out}")
   except (FileExistsError, FileNotFoundError, ValueError, ImportError) as e:
