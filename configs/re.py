@@ -59,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if not official:  # the synthetic world's RE split; tests
     common.finetune_schedule(c, a.variant, "re")
+    if a.variant == "default":
+      # Measured on the synthetic world (README): at 1e-4 no init leaves the first-region
+      # baseline in 500 updates; at 3e-4 both learn and the pretrained init leads.
+      c.optimizer.lr = 3e-4
   else:  # official: 128 expressions per batch on one GPU, summed loss, seed 24
     lr, steps, warmup, mlp = OFFICIAL[a.variant]
     c.seed = 24

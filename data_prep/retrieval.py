@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                          skip_bad="skip captions that tokenise to nothing (counted)")
   args = parser.parse_args(argv)
   common.check_inputs("--karpathy", [args.karpathy])
+  common.check_out(args.out, args.overwrite, inputs=[args.karpathy, args.vocab])
   tok = common.load_tokenizer(args.vocab, args.lowercase)
   return convert(args.karpathy, args.split, args.out, tok,
                  image_id_template=args.image_id_template, overwrite=args.overwrite,

