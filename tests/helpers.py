@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,3 +61,11 @@ def world_config(config_module, world: str, **overrides):
       node = node[p]
     node[leaf] = v
   return c
+
+
+def vocab_file(folder, tokens) -> str:
+  """A vocab.txt of `tokens` (id = position) in `folder`; returns its path."""
+  path = os.path.join(str(folder), "vocab.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(tokens) + "\n")
+  return path

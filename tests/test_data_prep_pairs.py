@@ -11,6 +11,7 @@ import pytest
 from data_prep import nlvr2, snli_ve
 from uniter_jax.data import DataError, iter_text_records, read_manifest, write_dataset
 from uniter_jax.data.pipeline import InputPipeline, PipelineConfig
+from helpers import vocab_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "a", "dog", "runs", "is", "the", "man", "two", "dogs",
@@ -20,9 +21,7 @@ V = {t: i for i, t in enumerate(VOCAB)}
 
 @pytest.fixture()
 def vocab(tmp_path):
-  path = tmp_path / "vocab.txt"
-  path.write_text("\n".join(VOCAB) + "\n")
-  return str(path)
+  return vocab_file(tmp_path, VOCAB)
 
 
 def _jsonl(path, rows):

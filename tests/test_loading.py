@@ -1,5 +1,6 @@
 """One model registry: export -> uniter_jax.load round trips for every model class, official files."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -72,3 +73,19 @@ def test_unknown_sources_are_clear_errors(tmp_path):
   checkpointing.export_msgpack(model, str(tmp_path / "e"))
   with pytest.raises(ValueError, match="official checkpoints only"):
     uniter_jax.load(tmp_path / "e", task="vqa")
+
+
+def test_the_package_imports_from_any_folder(tmp_path):
+  """`pip install -e .` (scripts/setup_env.sh) makes uniter_jax and data_prep importable
+  outside the repository, with the registered models."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import uniter_jax, data_prep.refcoco; from uniter_jax.models import registry; "
+          "print(','.join(registry.names()))")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                     text=True, env=env, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  names = set(r.stdout.strip().splitlines()[-1].split(","))
+  assert {"UniterForPretraining", "UniterForReferringExpressionComprehension",
+          "UniterForVcr", "UniterForImageTextRetrieval"} <= names

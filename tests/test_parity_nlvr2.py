@@ -23,7 +23,7 @@ from flax import nnx
 from uniter_jax import interop, tasks
 from uniter_jax.evaluators import nlvr2 as nlvr2_eval
 from uniter_jax.models.nlvr2 import pair_inputs
-from test_parity_official import _FAST_COMPILE, assert_close
+from test_parity_official import _FAST_COMPILE, assert_close, assert_grad_norms
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "official_small"
 # variant -> (batch, head file, outputs file, output key prefix, grad-norm json, its key)
@@ -100,14 +100,7 @@ def test_outputs_and_losses(variant):
 def test_gradient_norms(variant):
   r, ref = _run(variant), _official(variant)["grads"]
   assert_close(r["loss"], ref["loss"], f"{variant} loss")
-  grads = interop.official_state_dict(r["model"], r["grads"], tied={})
-  norms = {k: float(np.linalg.norm(v.astype(np.float64))) for k, v in grads.items()}
-  floor = 1e-7 * ref["global_norm"]  # key biases: zero true gradient, rounding noise only
-  bad = [f"{n}: ours {norms[n]:.7g} official {w:.7g}" for n, w in ref["param_norms"].items()
-         if abs(norms[n] - w) > 1e-4 * w + floor]
-  bad += [f"{n}: ours {norms[n]:.3g}, official has no gradient"
-          for n in set(norms) - set(ref["param_norms"]) if norms[n] > floor]
-  assert not bad, "\n".join(bad)
+  assert_grad_norms(r["model"], r["grads"], ref)
 
 
 @pytest.mark.parametrize("variant", list(CASES))

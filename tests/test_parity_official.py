@@ -42,6 +42,21 @@ def assert_close(ours, ref, what: str, rtol: float = RTOL) -> None:
   assert err <= rtol * scale, f"{what}: max abs error {err:.3g} > {rtol} x {scale:.3g}"
 
 
+def assert_grad_norms(model, grads, ref: dict, floor: float = 1e-7) -> None:
+  """Per-parameter gradient norms (official names) within 1e-4 of the official ones (a json
+  `grad_norms` entry), plus `floor` x the global norm for gradients that are float32 round-off
+  only (key biases: their true gradient is zero); no gradient where the official has none."""
+  from uniter_jax import interop  # pylint: disable=import-outside-toplevel
+  grads = interop.official_state_dict(model, grads, tied={})
+  norms = {k: float(np.linalg.norm(v.astype(np.float64))) for k, v in grads.items()}
+  floor = floor * ref["global_norm"]
+  bad = [f"{n}: ours {norms[n]:.7g} official {w:.7g}" for n, w in ref["param_norms"].items()
+         if abs(norms[n] - w) > 1e-4 * w + floor]
+  bad += [f"{n}: ours {norms[n]:.3g}, official has no gradient"
+          for n in set(norms) - set(ref["param_norms"]) if norms[n] > floor]
+  assert not bad, "\n".join(bad)
+
+
 # Fewer XLA optimisation passes: compiling dominates these tests on CPU and numerics
 # stay float32 either way.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -23,7 +23,7 @@ from flax import nnx
 
 from uniter_jax import interop, tasks
 from uniter_jax.models.refer import PAD_SCORE, sample_negatives
-from test_parity_official import _FAST_COMPILE, assert_close
+from test_parity_official import _FAST_COMPILE, assert_close, assert_grad_norms
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "official_small"
 # case -> (head file, outputs file, output key prefix, grad-norm json, its key, loss, rows)
@@ -103,14 +103,7 @@ def test_scores_and_losses(case):
 def test_gradient_norms(case):
   r, ref = _run(case), _official(case)["grads"]
   assert_close(r["loss"], ref["loss"], f"{case} loss")
-  grads = interop.official_state_dict(r["model"], r["grads"], tied={})
-  norms = {k: float(np.linalg.norm(v.astype(np.float64))) for k, v in grads.items()}
-  floor = 1e-7 * ref["global_norm"]  # key biases: zero true gradient, rounding noise only
-  bad = [f"{n}: ours {norms[n]:.7g} official {w:.7g}" for n, w in ref["param_norms"].items()
-         if abs(norms[n] - w) > 1e-4 * w + floor]
-  bad += [f"{n}: ours {norms[n]:.3g}, official has no gradient"
-          for n in set(norms) - set(ref["param_norms"]) if norms[n] > floor]
-  assert not bad, "\n".join(bad)
+  assert_grad_norms(r["model"], r["grads"], ref)
 
 
 @pytest.mark.parametrize("case", ["mlp1", "mlp2"])

@@ -20,7 +20,7 @@ from flax import nnx
 from uniter_jax import checkpointing, interop, tasks
 from uniter_jax.models import registry
 from uniter_jax.models.retrieval import UniterForImageTextRetrieval, hardest, rank_hinge
-from test_parity_official import _FAST_COMPILE, assert_close
+from test_parity_official import _FAST_COMPILE, assert_close, assert_grad_norms
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "official_small"
 
@@ -78,20 +78,7 @@ def test_rank_scores_hinge_and_loss():
 def test_gradient_norms():
   r, ref = _run(), _official()["grads"]
   assert_close(r["loss"], ref["loss"], "retrieval loss")
-  _check_norms(r["model"], r["grads"], ref)
-
-
-def _check_norms(model, grads, ref: dict, floor: float = 1e-7) -> None:
-  """Per-parameter gradient norms within 1e-4 of the official ones (json `grad_norms`),
-  plus `floor` x the global norm for gradients that are float32 round-off only."""
-  grads = interop.official_state_dict(model, grads, tied={})
-  norms = {k: float(np.linalg.norm(v.astype(np.float64))) for k, v in grads.items()}
-  floor = floor * ref["global_norm"]  # key biases: zero true gradient, rounding noise only
-  bad = [f"{n}: ours {norms[n]:.7g} official {w:.7g}" for n, w in ref["param_norms"].items()
-         if abs(norms[n] - w) > 1e-4 * w + floor]
-  bad += [f"{n}: ours {norms[n]:.3g}, official has no gradient"
-          for n in set(norms) - set(ref["param_norms"]) if norms[n] > floor]
-  assert not bad, "\n".join(bad)
+  assert_grad_norms(r["model"], r["grads"], ref)
 
 
 def test_fine_tuned_head_round_trips_and_task_is_read_off_the_names(tmp_path):
@@ -188,4 +175,4 @@ def test_hard_negative_selection_loss_and_gradients(direction):
   assert_close(float(loss), grads_ref["loss"], f"{direction} loss")
   # rank_output.bias: sum of sigmoid'(s_neg) - sigmoid'(s_pos) over near-equal scores (~0.25
   # each, float32 ulp 3e-8): its ~1e-6 norm is mostly cancellation, hence the larger floor.
-  _check_norms(r["model"], grads, grads_ref, floor=1e-6)
+  assert_grad_norms(r["model"], grads, grads_ref, floor=1e-6)

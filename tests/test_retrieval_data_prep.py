@@ -10,6 +10,7 @@ import pytest
 from data_prep import retrieval
 from data_prep.common import load_tokenizer
 from uniter_jax.data import DataError, iter_text_records, read_manifest
+from helpers import vocab_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "a", "dog", "runs", "man", "on",
@@ -19,9 +20,7 @@ V = {t: i for i, t in enumerate(VOCAB)}
 
 @pytest.fixture()
 def vocab(tmp_path):
-  path = tmp_path / "vocab.txt"
-  path.write_text("\n".join(VOCAB) + "\n")
-  return str(path)
+  return vocab_file(tmp_path, VOCAB)
 
 
 def _karpathy(tmp_path, images, name="dataset_flickr30k.json"):

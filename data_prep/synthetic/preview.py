@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from uniter_jax.data import format as fmt
+from uniter_jax.tools.draw_re import save_grid
 
 SCALE = 2
 _KIND_STYLE = {"object": ((255, 255, 255), 1), "part": ((250, 220, 60), 1),
@@ -82,15 +83,4 @@ def contact_sheet(world_dir: str, out_png: str, num_scenes: int = 6, split: str 
     tiles.append(tile)
   if not tiles:
     raise ValueError(f"{world_dir}: no {split} image has both a VQA question and a referring expression")
-  tw, th = tiles[0].size
-  rows = (len(tiles) + columns - 1) // columns
-  gap = 6
-  size = (columns * tw + (columns + 1) * gap, rows * th + (rows + 1) * gap)
-  sheet = Image.new("RGB", size, (200, 200, 200))
-  for k, tile in enumerate(tiles):
-    r, c = divmod(k, columns)
-    sheet.paste(tile, (gap + c * (tw + gap), gap + r * (th + gap)))
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  # A 256-colour palette keeps the sheet small enough to commit.
-  sheet.quantize(256, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
-  return out_png
+  return save_grid(tiles, out_png, columns=columns)

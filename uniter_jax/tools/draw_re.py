@@ -54,16 +54,21 @@ def contact_sheet(rows: Sequence[dict], images_dir: str, out_png: str, *, column
     tiles.append(tile)
   if not tiles:
     raise ValueError("nothing to draw: no predictions")
+  return save_grid(tiles, out_png, columns=columns)
+
+
+def save_grid(tiles: Sequence[Image.Image], out_png: str, *, columns: int, gap: int = 6) -> str:
+  """Pastes tiles row by row on a grey sheet and saves it as a 256-colour PNG (small enough to
+  commit); returns out_png."""
   tw = max(t.width for t in tiles)
   th = max(t.height for t in tiles)
   columns = min(columns, len(tiles))
   nrows = (len(tiles) + columns - 1) // columns
-  gap = 6
   sheet = Image.new("RGB", (columns * tw + (columns + 1) * gap, nrows * th + (nrows + 1) * gap),
                     (200, 200, 200))
   for k, tile in enumerate(tiles):
-    rr, c = divmod(k, columns)
-    sheet.paste(tile, (gap + c * (tw + gap), gap + rr * (th + gap)))
+    r, c = divmod(k, columns)
+    sheet.paste(tile, (gap + c * (tw + gap), gap + r * (th + gap)))
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   sheet.quantize(256, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
   return out_png
