@@ -43,8 +43,8 @@ from data_prep import common
 from data_prep.npz_dir import read_npz_dir, read_npz_file
 from uniter_jax.data import format as fmt
 from uniter_jax.data.tokenizer import WordPieceTokenizer
+from uniter_jax.models.vcr import NUM_REFERENCE_TOKENS  # official init_word_embedding(81)
 
-NUM_REFERENCE_TOKENS = 81  # official init_word_embedding(81)
 REF_TOKEN = "[OBJ_{}]"
 TEXT_FIELDS = {"input_ids_as": "int_list", "lens_as": "int_list", "input_ids_rs": "int_list",
                "lens_rs": "int_list", "qa_target": "int", "qar_target": "int", "question": "str",
