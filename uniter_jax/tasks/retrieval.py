@@ -210,6 +210,8 @@ class RetrievalTask(base.Task):
     meta = {"step": int(state["step"]), "n_txt": len(data["gt"]),
             "n_img": len(data["img_ids"]), "block": [s.block_txt, s.block_img],
             "dtype": s.dtype, "txt": data["txt_ids"][:3], "img": data["img_ids"][:3]}
+    # One file per split: a later step's evaluation (its meta differs) starts afresh over it,
+    # so a long run keeps one matrix per split, not one per evaluation (COCO 5k: ~500 MB).
     store = scoring.ScoreStore(os.path.join(ctx.workdir, "scores", f"{name}.npz"), meta)
     with jax.set_mesh(ctx.mesh):
       return scoring.score_all_pairs(
@@ -243,7 +245,7 @@ class RetrievalTask(base.Task):
       data = cache["val"]
       s = ctx.config.evals.itr
       if s.full:
-        scores = self._score_matrix(ctx, fn, state, data, f"val_step{int(state['step'])}")
+        scores = self._score_matrix(ctx, fn, state, data, "val")
         return self._metrics(scores, data)
       cols = ret_eval.fast_val_columns(data["gt"], len(data["img_ids"]), s.fast_size)
       with jax.set_mesh(ctx.mesh):
@@ -259,7 +261,7 @@ class RetrievalTask(base.Task):
     def predict(state) -> dict:
       split, text_dirs, image_dirs = classify.predict_dirs(ctx)
       data = read_split(ctx, text_dirs, image_dirs, strict=True)
-      scores = self._score_matrix(ctx, fn, state, data, f"{split}_step{int(state['step'])}")
+      scores = self._score_matrix(ctx, fn, state, data, split)
       out = self._metrics(scores, data)
       if scores is None:
         return out
