@@ -40,6 +40,7 @@ Errors from the command line are one line on stderr, exit status 1.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import pickle
@@ -185,12 +186,16 @@ def convert_images(instances_path: str, features: str, out: str, *, image_prefix
   """Writes the ground-truth-box image records of `features` to `out`; returns the manifest."""
   common.check_out(out, overwrite, inputs=[instances_path, features])
   inst = Instances(instances_path)
-  records = list(_gt_image_records(inst, features, image_prefix))
-  if not records:
+  # Stream the records (all features of a COCO split do not fit in memory); only the first
+  # is read ahead, to refuse a folder with no matching file before anything is written.
+  records = _gt_image_records(inst, features, image_prefix)
+  first = next(records, None)
+  if first is None:
     raise fmt.DataError(f"--features {features}: no file named {image_id(0, image_prefix)[:-12]}<12-digit id>.npz "
                         f"for an image of {instances_path}; check --image-prefix")
   manifest = fmt.write_dataset(
-      out, images=records, overwrite=overwrite, box_policy=None, shard_mb=shard_mb, skip_bad=skip_bad,
+      out, images=itertools.chain([first], records), overwrite=overwrite, box_policy=None,
+      shard_mb=shard_mb, skip_bad=skip_bad,
       source="data_prep.refcoco", extraction={"boxes": "ground truth (instances.json annotations)"},
       extra={"source": {"instances": instances_path, "features": features, "image_prefix": image_prefix}})
   common.print_summary(manifest, out)
