@@ -16,8 +16,10 @@ from ml_collections import config_flags  # noqa: E402
 
 # Exit statuses (docs/reliability.md): 0 the run finished; 2 a mistake in how it was asked for
 # (one 'error:' line); 143 = 128 + SIGTERM, what a scheduler sees for a job its SIGTERM ended:
-# stopped after saving a checkpoint, so the same command resumes it.
+# stopped after saving a checkpoint, so the same command resumes it; 3 the loss became NaN / inf
+# (one 'error:' line naming the step and the last good checkpoint).
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 143
 
 FLAGS = flags.FLAGS
@@ -29,10 +31,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
                   "result file, e.g. VQA results.json); export (params.msgpack).")
 
 
-def fail(message: str) -> NoReturn:
-  """A user's mistake: one line on stderr and EXIT_USAGE, no traceback."""
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+  """A user's mistake (or a diverged run): one line on stderr and `status`, no traceback."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USAGE)
+  sys.exit(status)
 
 
 def _flag_error_line(e: Exception) -> str:
@@ -86,6 +88,8 @@ def main(argv):
                                       make_world=synthetic.ensure_world)
   except (train.RunError, DataError, FileNotFoundError, FileExistsError) as e:  # a message only
     fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e))
+  except train.NonFiniteLoss as e:  # diverged: not a bug in our code, so no traceback
+    fail(str(e), status=EXIT_DIVERGED)
   logging.info("done: %s", result)
   if result.get("preempted"):
     print(f"preempted at step {result['step']}: checkpoint saved; exit status {EXIT_PREEMPTED}; "

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -166,6 +167,25 @@ def test_convert_never_writes_over_its_input_or_a_foreign_config(tmp_path, capsy
   assert _snapshot(tmp_path) == {**before, "other/model_config.json": before["model_config.json"]}
 
 
+class _PickledStateDict(dict):
+  """A state dict saved as a class of its own: torch.load(weights_only=True) refuses it."""
+
+
+def test_a_pt_that_needs_pickle_names_the_flag_that_reads_it(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  src = tmp_path / "official.pt"
+  state = dict(np.load(OFFICIAL / "state_dict.npz"))
+  torch.save(_PickledStateDict({k: torch.from_numpy(v) for k, v in state.items()}), src)
+  base = ["--from-official", src, "--model-config", OFFICIAL / "config.json", "--out",
+          tmp_path / "out" / "params.msgpack"]
+  assert convert.main([str(a) for a in base]) == 1
+  _one_error_line(capsys.readouterr().err, "weights_only=True", "--trust-pickle")
+  assert not (tmp_path / "out").exists()
+  # The flag the message names exists and reads it (the file is ours, so trusted).
+  assert convert.main([str(a) for a in base + ["--trust-pickle"]]) == 0
+  assert (tmp_path / "out" / "params.msgpack").exists()
+
+
 def test_sigterm_during_a_conversion_leaves_no_temporary_folder(tmp_path):
   def convert_until_terminated(argv):
     del argv
@@ -263,6 +283,31 @@ def test_corrupt_image_shard_in_the_pipeline_names_the_file(tiny_world, tmp_path
       pass
 
 
+def test_image_shard_of_other_feature_size_in_the_pipeline_names_the_file(tiny_world, tmp_path):
+  # A shard from another extractor (wider features), intact and with the manifest's byte count
+  # patched to match: only the records' own feature size can tell.
+  src = pathlib.Path(tiny_world) / "img_db"
+  records = list(fmt.iter_image_records(src))
+  wider = [dict(r, features=np.pad(r["features"], ((0, 0), (0, 8)))) for r in records]
+  write_dataset(tmp_path / "wider", images=wider)
+  shutil.copytree(src, tmp_path / "img_db")
+  manifest = read_manifest(tmp_path / "img_db")
+  first = manifest["images"]["shards"][0]["file"]
+  shard = tmp_path / "img_db" / first
+  shutil.copyfile(tmp_path / "wider" / read_manifest(tmp_path / "wider")["images"]["shards"][0]["file"],
+                  shard)
+  manifest["images"]["shards"][0]["bytes"] = shard.stat().st_size
+  (tmp_path / "img_db" / "manifest.json").write_text(json.dumps(manifest))
+  dim = manifest["images"]["feat_dim"]
+  pipe = InputPipeline([f"{tiny_world}/txt/pretrain_train"], [str(tmp_path / "img_db")],
+                       config=PipelineConfig(batch_size=8, txt_buckets=(40,), img_buckets=(16,),
+                                             max_txt_len=38, shuffle=False))
+  with pytest.raises(DataError, match=rf"shard {shard} record \d+: {dim + 8}-d features, the "
+                                      rf"manifest says {dim}-d"):
+    for _ in pipe:
+      pass
+
+
 # -- One message, no traceback --------------------------------------------------------------
 
 
@@ -283,7 +328,6 @@ def test_null_caption_and_non_utf8_input_name_the_file_and_line(tmp_path, capsys
 def test_every_config_key_a_message_or_document_names_exists():
   # Hints name what the user should type: a --config.KEY that no config has is a wrong hint.
   import importlib  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
   sources = [*REPO.glob("uniter_jax/**/*.py"), *REPO.glob("data_prep/**/*.py"), REPO / "main.py",
              *REPO.glob("configs/*.py"), REPO / "README.md", *REPO.glob("docs/*.md")]
   named = {k for p in sources for k in re.findall(r"--config\.([\w.]*\w)", p.read_text())}
@@ -305,20 +349,39 @@ def test_every_config_key_a_message_or_document_names_exists():
   assert named and not sorted(k for k in named - misspelt if not exists(k))
 
 
-def test_main_user_mistakes_are_one_line_and_exit_2(tiny_world, tmp_path):
-  # (A misspelt config key: test_trainer.py's end-to-end command.) Both commands run at once.
+def test_main_user_mistakes_and_divergence_are_one_line(tiny_world, tmp_path):
+  # (A misspelt config key: test_trainer.py's end-to-end command.) The commands run at once.
   env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=COMPILE_FLAGS)
-  base = [sys.executable, "main.py", f"--workdir={tmp_path / 'w'}"]
-  cases = [(["--config=configs/vqa.py:tinny"], "--config=configs/vqa.py:tinny",
-            "unknown variant 'tinny'", "tiny"),
-           (["--config=configs/pretrain.py:tiny", "--config.data.synthetic=",
-             f"--config.data.text_dirs={tmp_path / 'nope'}",
-             f"--config.data.image_dirs={tiny_world}/img_db"],
-            f"config.data.text_dirs: {tmp_path / 'nope'}: no such folder")]
+  base = [sys.executable, "main.py"]
+  nan = tmp_path / "nan"
+  cases = [([f"--workdir={tmp_path / 'w'}", "--config=configs/vqa.py:tinny"], 2,
+            "--config=configs/vqa.py:tinny", "unknown variant 'tinny'", "tiny"),
+           ([f"--workdir={tmp_path / 'w'}", "--config=configs/pretrain.py:tiny",
+             "--config.data.synthetic=", f"--config.data.text_dirs={tmp_path / 'nope'}",
+             f"--config.data.image_dirs={tiny_world}/img_db"], 2,
+            f"config.data.text_dirs: {tmp_path / 'nope'}: no such folder"),
+           # Diverged (lr 1e30 blows the parameters up at the first update): not a bug in our
+           # code, so one line naming the step, the objective, the last good checkpoint and a
+           # fix, and exit status 3. MLM + MRFR: two branches, quick to compile.
+           ([f"--workdir={nan}", "--config=configs/pretrain.py:tiny",
+             f"--config.data.synthetic={tiny_world}", "--config.total_steps=20",
+             "--config.checkpoint_every_steps=1", "--config.evals.heldout.every_steps=0",
+             "--config.evals.itm.every_steps=0", "--config.optimizer.lr=1e30",
+             "--config.optimizer.warmup_steps=1",
+             "--config.pretrain.mix={'mlm': 1.0, 'mrfr': 1.0}"], 3,
+            "non-finite loss", "--config.optimizer.lr")]
   procs = [subprocess.Popen(base + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for args, *_ in cases]
-  for proc, (args, *needles) in zip(procs, cases):
+  errs = []
+  for proc, (args, status, *needles) in zip(procs, cases):
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, (args, err[-2000:])
+    assert proc.returncode == status, (args, err[-2000:])
     _one_error_line(err, *needles)
+    errs.append(err)
   assert not (tmp_path / "w").exists()  # refused before anything was written
+  found = re.search(r"at step (\d+) \(objective (mlm|mrfr)\); the last good "
+                   r"checkpoint is step (\d+) in ", errs[-1])
+  assert found, errs[-1]
+  # A non-finite state is never saved: the newest checkpoint is the one the message names.
+  mngr = checkpointing.make_manager(str(nan / "checkpoints"), async_save=False)
+  assert mngr.latest_step() == int(found.group(3)) < int(found.group(1))

@@ -1,11 +1,13 @@
-"""Checkpoints (orbax) with exact resume, and msgpack export / import of parameters."""
+"""Checkpoints (orbax) with exact resume; msgpack export (with its vocab, labels, config and
+model card) and import of parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -71,8 +73,12 @@ def restore_params_from_orbax(directory: str, abstract_params: Any) -> Any:
   if step is None:
     raise FileNotFoundError(f"{directory}: no orbax checkpoint found (expected step folders)")
   target = {"params": abstract_params}
+  # Restore args from the target's shardings: the arrays land where the caller asked (one
+  # device for uniter_jax.load, the run's mesh for init_from), not on the saving run's devices.
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+      state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                       target))))
   return restored["state"]["params"]
 
 
@@ -81,6 +87,14 @@ def restore_params_from_orbax(directory: str, abstract_params: Any) -> Any:
 
 MODEL_RECORD = "model_config.json"  # {"model_class", "model_kwargs", "config"}
 PARAMS = "params.msgpack"
+# What --mode=export writes beside those two (uniter_jax.exporting.export_extras); each may be absent
+# (a run without a vocab or a label list, or an export written before they were added).
+VOCAB = "vocab.txt"  # the run's vocabulary, copied byte for byte
+ANS2LABEL = "ans2label.json"  # {label: output id}: VQA's answers, a classifier's class names
+RUN_CONFIG = "config.json"  # the resolved config of the run that exported
+MODEL_CARD = "MODEL_CARD.md"  # what the model is, how it was trained, its held-out metrics
+EXTRA_FILES = (VOCAB, ANS2LABEL, RUN_CONFIG, MODEL_CARD)
+EXPORT_FILES = frozenset((PARAMS, MODEL_RECORD) + EXTRA_FILES)
 
 
 def write_model_record(path: str, rec: dict, *, overwrite: bool) -> None:
@@ -107,36 +121,101 @@ def is_model_record(path: str) -> bool:
 
 def not_an_export(directory: str) -> str | None:
   """Why `directory` is not an export this project wrote (None: it is, and overwrite may replace
-  it): only params.msgpack and a model_config.json that names a model class."""
+  it): plain files named as an export's (EXPORT_FILES) only, and a model_config.json that names a
+  model class."""
   if not os.path.isdir(directory):
     return "is not a folder"
-  other = sorted(set(os.listdir(directory)) - {PARAMS, MODEL_RECORD})
+  entries = set(os.listdir(directory))
+  other = sorted(entries - EXPORT_FILES)
   if other:
     return f"holds files an export does not write ({', '.join(other[:5])})"
+  # Replacing the folder deletes what is inside: a folder under an export file's name is not ours.
+  odd = sorted(e for e in entries if os.path.islink(os.path.join(directory, e))
+               or not os.path.isfile(os.path.join(directory, e)))
+  if odd:
+    return f"holds {', '.join(odd)}, which an export writes as a plain file"
   if not is_model_record(os.path.join(directory, MODEL_RECORD)):
     return f"has no {MODEL_RECORD} written by an export"
   return None
 
 
-def export_msgpack(model: nnx.Module, directory: str, *, overwrite: bool = False) -> str:
-  """Writes DIR/params.msgpack (pure dict of parameters) and DIR/model_config.json as one unit:
-  both go to a fresh folder that is renamed into place, so DIR never holds the params of one
-  model beside the config of another. An existing DIR is replaced only with overwrite
-  (config.export_overwrite) and when it is an export (not_an_export)."""
+def write_export_files(model: nnx.Module, directory: str,
+                       extras: Mapping[str, bytes] | None = None) -> None:
+  """Writes params.msgpack, model_config.json and `extras` ({name in EXTRA_FILES: bytes}) into
+  the existing folder `directory` (a fresh temporary folder: nothing there is replaced)."""
+  extras = dict(extras or {})
+  unknown = sorted(set(extras) - set(EXTRA_FILES))
+  if unknown:  # not_an_export would then refuse to replace the export with a later one
+    raise ValueError(f"{unknown}: not files an export holds ({', '.join(EXTRA_FILES)})")
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  files.write_bytes(os.path.join(directory, PARAMS), serialization.msgpack_serialize(params),
+                    overwrite=False)
+  write_model_record(os.path.join(directory, MODEL_RECORD), registry.record(model),
+                     overwrite=False)
+  for name, data in extras.items():
+    files.write_bytes(os.path.join(directory, name), data, overwrite=False)
+
+
+def export_msgpack(model: nnx.Module, directory: str, *, overwrite: bool = False,
+                   extras: Mapping[str, bytes] | None = None) -> str:
+  """Writes DIR/params.msgpack (pure dict of parameters), DIR/model_config.json and `extras`
+  (the other EXPORT_FILES, as bytes) as one unit: all go to a fresh folder that is renamed into
+  place, so DIR never holds the params of one model beside the config, vocab or answers of
+  another. Files are 0644, DIR 0755 (an export is for sharing). An existing DIR is replaced only
+  with overwrite (config.export_overwrite) and when it is an export (not_an_export)."""
   directory = os.path.abspath(directory)
   flag = "overwrite=True (--config.export_overwrite=True)"
   files.check_replaceable(directory, overwrite=overwrite, not_ours=not_an_export, flag=flag)
-  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   tmp = files.temp_dir_beside(directory)
   try:
-    files.write_bytes(os.path.join(tmp, PARAMS), serialization.msgpack_serialize(params),
-                      overwrite=False)
-    write_model_record(os.path.join(tmp, MODEL_RECORD), registry.record(model), overwrite=False)
+    write_export_files(model, tmp, extras)
+    files.make_shareable(tmp)
     files.publish_dir(tmp, directory, overwrite=overwrite, not_ours=not_an_export, flag=flag)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return os.path.join(directory, PARAMS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportExtras:
+  """What an export holds beside its parameters; None where it lacks that file."""
+
+  vocab: str | None  # path of vocab.txt (tokenise inputs with it)
+  ans2label: dict[str, int] | None  # ans2label.json: {label: output id}
+  labels: tuple[str, ...] | None  # label of each output id (ans2label inverted)
+  config: dict | None  # config.json: the resolved config of the run that exported
+  model_card: str | None  # path of MODEL_CARD.md
+
+
+def read_export_extras(path: str) -> ExportExtras:
+  """The vocab, label list, run config and model card of an export folder (or of the folder of
+  its params.msgpack). An export written before these files existed gives None for each."""
+  directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  rec = read_model_record(os.path.join(directory, MODEL_RECORD))  # an export, not any folder
+  found = {n: os.path.join(directory, n) for n in EXTRA_FILES
+           if os.path.isfile(os.path.join(directory, n))}
+  labels = _read_labels(found[ANS2LABEL], rec) if ANS2LABEL in found else None
+  config = None
+  if RUN_CONFIG in found:
+    with open(found[RUN_CONFIG], encoding="utf-8") as f:
+      config = json.load(f)
+  return ExportExtras(
+      vocab=found.get(VOCAB), labels=labels, config=config, model_card=found.get(MODEL_CARD),
+      ans2label=None if labels is None else {a: i for i, a in enumerate(labels)})
+
+
+def _read_labels(path: str, rec: dict) -> tuple[str, ...]:
+  """The labels of ans2label.json by id, checked (ids 0..N-1, each once) as training checks a
+  VQA answer list, and against the recorded model's answer count."""
+  from uniter_jax.tasks import vqa  # pylint: disable=import-outside-toplevel
+  # Uncached: an export may be replaced by a newer one within one process.
+  labels = vqa.read_answers.__wrapped__(path)
+  n = (rec.get("model_kwargs") or {}).get("num_answers")
+  if n is not None and n != len(labels):
+    raise ValueError(f"{path}: {len(labels)} labels, but the model ({MODEL_RECORD}) has {n} "
+                     "answers; the export's files belong to different models")
+  return labels
 
 
 def read_msgpack(path: str) -> dict:

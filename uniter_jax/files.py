@@ -110,6 +110,22 @@ def publish_dir(tmp: PathLike, path: PathLike, *, overwrite: bool,
     shutil.rmtree(old, ignore_errors=True)
 
 
+def make_shareable(path: PathLike) -> None:
+  """Makes `path` (a file, or a folder and everything in it) readable by everyone: files 0644,
+  folders 0755. mkstemp / mkdtemp create owner-only ones, which would make an export or a
+  conversion unreadable to the colleagues it is written for."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    os.chmod(path, 0o644)
+    return
+  os.chmod(path, 0o755)
+  for root, dirs, names in os.walk(path):
+    for d in dirs:
+      os.chmod(os.path.join(root, d), 0o755)
+    for n in names:
+      os.chmod(os.path.join(root, n), 0o644)
+
+
 def check_apart(out: PathLike, inputs: Iterable[PathLike], flag: str = "--out") -> None:
   """ValueError when `out` is an input, lies inside an input folder or holds an input, so
   that replacing it could destroy what is being read; checked before anything is written."""

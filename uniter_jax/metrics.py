@@ -60,6 +60,14 @@ class Writer:
         f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()
                                                  if v is not None}}) + "\n")
 
+  def write_hparams(self, config: Mapping[str, Any]) -> None:
+    """The resolved run config as TensorBoard hparams (dotted keys; lists and tuples as text,
+    since hparams take only scalars and strings)."""
+    from uniter_jax import pytree  # pylint: disable=import-outside-toplevel
+    flat = pytree.flatten(config, sep=".")
+    self.tb.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                           for k, v in flat.items()})
+
   def close(self) -> None:
     self.tb.flush()
     self.tb.close()

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uniter_jax import checkpointing, files, flops as flops_lib, metrics as metrics_lib, optim
+from uniter_jax import checkpointing, exporting, files, flops as flops_lib
+from uniter_jax import metrics as metrics_lib, optim
 from uniter_jax import pytree, sharding, tasks
 from uniter_jax import train_step as step_lib
 from uniter_jax.models import UniterConfig, registry
@@ -265,7 +266,7 @@ class _Preemption:
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """The loss became NaN / inf: training diverged (main.py: one line, exit status 3)."""
 
 
 class RunError(ValueError):
@@ -346,9 +347,13 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   os.makedirs(workdir, exist_ok=True)
   checkpointing.write_model_record(record_path, record, overwrite=True)  # same shapes
   # The resolved config of this invocation (the last one, when a workdir is resumed).
-  files.write_bytes(os.path.join(workdir, "config.json"),
-                    config.to_json_best_effort(indent=2, sort_keys=True).encode(),
+  files.write_bytes(os.path.join(workdir, "config.json"), exporting.config_json(config),
                     overwrite=True)
+  say("config: task %s, %d steps, batch %s%s, lr %g, seed %d (all of it: %s; TensorBoard "
+      "hparams)", config.task, config.total_steps,
+      config.data.token_budget and f"{config.data.token_budget} tokens" or config.data.batch_size,
+      f" x {config.grad_accum_steps} accumulated" if config.grad_accum_steps > 1 else "",
+      config.optimizer.lr, config.seed, os.path.join(workdir, "config.json"))
 
   # -- Model and sharded state -------------------------------------------------------------
   def model_fn(cfg: UniterConfig = model_cfg):
@@ -359,7 +364,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   init_fn = step_lib.init_state_fn(model_fn, tx, config.seed)
   abstract_state = jax.eval_shape(init_fn)
   say("%s (%s): %s parameters; mesh %s", task.model_class, mode,
-      f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params)):,}",
+      f"{exporting.param_count(abs_params):,}",
       dict(mesh.shape))
   shardings = state_shardings(abstract_state, mesh, rules)
   abstract_sharded = jax.tree.map(
@@ -390,9 +395,13 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
 
   if mode == "export":
     model = nnx.merge(graphdef, state["params"], state["rest"])
+    extras = exporting.export_extras(config, workdir, task, spec, model,
+                                     step=int(state["step"]), vocab_hash=sizes.get("vocab_hash"))
     path = checkpointing.export_msgpack(model, os.path.join(workdir, "export"),
-                                        overwrite=config.get("export_overwrite", False))
-    logging.info("exported parameters to %s", path)
+                                        overwrite=config.get("export_overwrite", False),
+                                        extras=extras)
+    say("exported step %d to %s (%s)", int(state["step"]), os.path.dirname(path),
+        ", ".join(sorted(os.listdir(os.path.dirname(path)))))
     ckpt.close()
     return {"export": path}
 
@@ -456,6 +465,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
     return flops_lib.mean_step_flops(per, dict(zip(objective.names, objective.ratios)))
 
   writer = metrics_lib.Writer(workdir)
+  writer.write_hparams(config.to_dict())
   eval_writer = metrics_lib.Writer(workdir, subdir="eval")
   start = int(state["step"])
   progress = metrics_lib.Progress(config.total_steps, start)
@@ -478,7 +488,8 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
         raise NonFiniteLoss(
             f"non-finite loss {m['loss']} at step {s} (objective "
             f"{objective.names[int(m['branch'])]}); the last good checkpoint is step "
-            f"{ckpt.latest_step()} in {ckpt.directory}")
+            f"{ckpt.latest_step()} in {ckpt.directory}; lower --config.optimizer.lr (or look "
+            "for NaN in the data) and run the same command again: it resumes from that step")
     dt = max(time.time() - t_log, 1e-9)
     out = {"loss": np.mean([m["loss"] for _, m in host]),
            "lr": float(host[-1][1]["lr"]), "grad_norm": np.mean([m["grad_norm"] for _, m in host]),

@@ -152,8 +152,12 @@ def read_tensors(source: PathLike | Mapping[str, Any], *,
       obj = torch.load(path, map_location="cpu", weights_only=torch_weights_only)
     except Exception as e:  # torch raises UnpicklingError subclasses that vary by version.
       if torch_weights_only:
-        raise ValueError(f"{path}: torch.load(weights_only=True) failed ({e}). If the file "
-                         "comes from a source you trust, pass torch_weights_only=False.") from e
+        # torch's own text runs over many lines (with terminal colour codes): its first line.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: torch.load(weights_only=True) failed ({reason}). If the file "
+                         "comes from a source you trust, pass torch_weights_only=False (on the command line: "
+                         "python -m uniter_jax.tools.convert --trust-pickle ..., then use its "
+                         "msgpack output).") from e
       raise
     if not isinstance(obj, Mapping):
       raise ValueError(f"{path}: expected a state dict (a mapping), got {type(obj).__name__}")

@@ -6,18 +6,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniter_jax import train_step as step_lib
+from uniter_jax import checkpointing, train_step as step_lib
 from uniter_jax.data import format as fmt
 from uniter_jax.evaluators import vqa as vqa_eval
 from uniter_jax.models.vqa import vqa_loss
 from uniter_jax.tasks import base, classify, register
 
-ANS2LABEL = "ans2label.json"
+ANS2LABEL = checkpointing.ANS2LABEL  # in a VQA dataset folder as in an export
 
 
 def soft_targets(labels: jax.Array, scores: jax.Array, num_answers: int) -> jax.Array:
@@ -46,11 +47,15 @@ def read_answers(path: str) -> tuple[str, ...]:
     raise FileNotFoundError(f"{path}: no answer vocabulary; write one with data_prep.vqa or set "
                             "--config.data.ans2label=PATH")
   with open(path, encoding="utf-8") as f:
-    a2l = json.load(f)
+    return answers_of(json.load(f), path)
+
+
+def answers_of(a2l: Mapping[str, int], where: str = "ans2label") -> tuple[str, ...]:
+  """{answer: id} with ids 0..N-1 -> the answers in id order."""
   label2ans = [""] * len(a2l)
   for a, i in a2l.items():
     if not 0 <= int(i) < len(a2l) or label2ans[int(i)]:
-      raise ValueError(f"{path}: answer ids must be 0..{len(a2l) - 1}, each once ({a!r}: {i})")
+      raise ValueError(f"{where}: answer ids must be 0..{len(a2l) - 1}, each once ({a!r}: {i})")
     label2ans[int(i)] = a
   return tuple(label2ans)
 

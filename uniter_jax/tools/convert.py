@@ -7,21 +7,23 @@
 
 The msgpack file holds `flax.serialization.msgpack_serialize` of the pure dict of the
 model's Params; `model_config.json` next to it records the model class, its kwargs and its
-UniterConfig (the same record as a training export, so `uniter_jax.load` reads both). Outputs are
-written through a temp file and a rename, and an existing output is never replaced unless
-`--overwrite` is given.
+UniterConfig (the same record as a training export, so `uniter_jax.load` reads both). The pair is
+written in a temporary folder and renamed into place (save_msgpack), and an existing output is
+never replaced unless `--overwrite` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
+import shutil
 import sys
 from typing import Sequence
 
 import numpy as np
-from flax import nnx, serialization
+from flax import nnx
 
 from uniter_jax import checkpointing, files, interop, pytree
 from uniter_jax.interop import io
@@ -33,24 +35,46 @@ def config_path_for(params_path: io.PathLike) -> pathlib.Path:
   return pathlib.Path(params_path).with_name(checkpointing.MODEL_RECORD)
 
 
-def save_msgpack(model: nnx.Module, out: io.PathLike, *, overwrite: bool = False) -> None:
-  """Writes `out` (msgpack params) and model_config.json beside it, each via temp + rename.
-
-  With overwrite, an existing model_config.json beside `out` is replaced only when this project
-  wrote it (an official config JSON of that name is kept).
-  """
-  out = pathlib.Path(out)
-  cfg_path = config_path_for(out)
-  for p in (out, cfg_path):  # Check both first so a refusal leaves nothing half-written.
-    if p.exists() and not overwrite:
-      raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it")
+def check_outputs(out: pathlib.Path, cfg_path: pathlib.Path, *, overwrite: bool) -> None:
+  """Refuses, before anything is written, outputs that exist (unless overwrite) and a
+  model_config.json beside `out` that is not the record of `out`: a foreign file of that name, or
+  our record of another params file or of a workdir (replacing it would re-pair those)."""
+  if out.is_dir():  # checked before the old record goes, which a failed rename would lose
+    raise FileExistsError(f"{out} is a folder; --out names the params file, e.g. "
+                          f"{out / checkpointing.PARAMS}")
+  # The record's checks first: --overwrite would not help, so its hint must not be given.
   if cfg_path.exists() and not checkpointing.is_model_record(str(cfg_path)):
     raise FileExistsError(f"{cfg_path} is not a model_config.json written by uniter_jax; "
                           "--overwrite replaces only files this project wrote: pick another --out "
                           "folder")
-  data = serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  files.write_bytes(out, data, overwrite=overwrite)
-  checkpointing.write_model_record(str(cfg_path), registry.record(model), overwrite=overwrite)
+  if cfg_path.exists() and not out.exists():
+    raise FileExistsError(f"{cfg_path} records the model of another params file or of a workdir "
+                          f"({out.name} is not there); pick another --out folder")
+  for p in (out, cfg_path):
+    if p.exists() and not overwrite:
+      raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def save_msgpack(model: nnx.Module, out: io.PathLike, *, overwrite: bool = False) -> None:
+  """Writes `out` (msgpack params) and model_config.json beside it as one unit, as far as two
+  files in a shared folder can be one: both are written in full in a temporary folder beside
+  `out` (files.temp_dir_beside: one that a killed conversion left is removed by the next), made
+  0644, then renamed into place. An old record goes first, so no moment shows params beside the
+  record of another model: a crash between the renames leaves params without a record, which
+  fails to load by name."""
+  out = pathlib.Path(out).absolute()
+  cfg_path = config_path_for(out)
+  check_outputs(out, cfg_path, overwrite=overwrite)
+  tmp = files.temp_dir_beside(out)
+  try:
+    checkpointing.write_export_files(model, tmp)
+    files.make_shareable(tmp)
+    if cfg_path.exists():
+      cfg_path.unlink()
+    os.replace(os.path.join(tmp, checkpointing.PARAMS), out)
+    os.replace(os.path.join(tmp, checkpointing.MODEL_RECORD), cfg_path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_finite(model: nnx.Module, where: io.PathLike) -> None:
@@ -93,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   help="official-name prefixes that may be absent (kept at fresh init); "
                        "with no PREFIX, allow any")
   ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  ap.add_argument("--trust-pickle", action="store_true",
+                  help="read a .pt that torch.load(weights_only=True) refuses (it may run code "
+                       "when loaded: only for a file from a source you trust)")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -107,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                else (args.allow_missing or True))
       model, report = interop.load_official_checkpoint(
           args.from_official, args.model_config, task=args.task, allow_missing=allow,
-          return_report=True, **kwargs)
+          return_report=True, torch_weights_only=not args.trust_pickle, **kwargs)
       check_finite(model, args.from_official)
       save_msgpack(model, args.out, overwrite=args.overwrite)
       print(report.table())
