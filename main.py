@@ -26,6 +26,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file (get_config(arg)).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics and exports go here.")
+flags.DEFINE_string("compilation_cache", "",
+                    "Folder of JAX's persistent compilation cache: a second run of the same "
+                    "shapes skips compiling. Default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/uniter_jax/xla; 'none' turns it off.")
+# Multi-process runs (docs/multihost.md): jax.distributed.initialize's arguments, for clusters
+# it cannot detect by itself (TPU pods, SLURM and JAX_COORDINATOR_ADDRESS are detected).
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0's coordinator (several processes, one per host).")
+flags.DEFINE_integer("num_processes", None, "How many processes the run has (with "
+                     "--coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
                   "train; eval (held-out metrics of the latest checkpoint); predict (the task's "
                   "result file, e.g. VQA results.json); export (params.msgpack).")
@@ -65,6 +76,35 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")  # the cause, e.g. no such file
 
 
+def _distributed_args() -> dict | None:
+  """jax.distributed.initialize's arguments: those of the flags given, {} to auto-detect
+  (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS), None for a single-process run."""
+  given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
+                                               "process_id") if FLAGS[name].value is not None}
+  if given:
+    missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(given))
+    # Only the coordinator may be left to the environment (e.g. SLURM gives the rest).
+    if missing and not (os.environ.get("SLURM_JOB_ID") or os.environ.get("TPU_WORKER_HOSTNAMES")):
+      fail(f"--{', --'.join(given)} given without --{', --'.join(missing)}: pass all three "
+           "(or none, to let jax detect a TPU pod, SLURM or JAX_COORDINATOR_ADDRESS)")
+    n, i = given.get("num_processes"), given.get("process_id")
+    if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
+      fail(f"--process_id={i} with --num_processes={n}: ids run from 0 to num_processes - 1")
+    return given
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") \
+      or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    return {}
+  return None
+
+
+def init_distributed() -> None:
+  """Joins the run's other processes (one per host) before anything touches a device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  args = _distributed_args()
+  if args is not None:
+    jax.distributed.initialize(**args)
+
+
 def main(argv):
   del argv
   # The terminal shows progress, evals and results (printed by the trainer); library INFO
@@ -72,9 +112,12 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") \
-      or os.environ.get("TPU_WORKER_HOSTNAMES"):
-    jax.distributed.initialize()  # several processes: one per host
+  cache = FLAGS.compilation_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+      or os.path.join(os.path.expanduser("~"), ".cache", "uniter_jax", "xla")
+  if cache != "none":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  init_distributed()
   # TensorFlow (the input pipeline only) is imported on first use, off the accelerators
   # (uniter_jax.data.format._tf), so a mistake found before the data is read costs no TF import.
   import flax  # pylint: disable=import-outside-toplevel

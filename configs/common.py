@@ -77,6 +77,9 @@ def base(variant: str) -> ml_collections.ConfigDict:
   c.data.img_buckets = (16,)
   c.data.max_txt_len = 38  # synthetic texts are short; the official max_txt_len is 60
   c.data.feat_dtype = "float32"
+  # Data readers the input plan is made for (0: the process count). A run's batches depend on
+  # it, not on the process count; a resumed run keeps its first run's (docs/multihost.md).
+  c.data.plan_hosts = 0
   c.grad_accum_steps = 1
 
   c.model = model_config("tiny", hidden_size=128, num_layers=4, num_heads=4,

@@ -113,11 +113,13 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
          "--config.log_every_steps=2", "--config.evals.heldout.every_steps=4",
          "--config.checkpoint_every_steps=4", "--config.evals.heldout.batches=1",
          "--config.evals.itm.every_steps=4", "--config.evals.itm.pairs=40",
-         "--config.data.batch_size=16"]
+         "--config.data.batch_size=16", f"--compilation_cache={tmp_path / 'xla'}"]
   env = _child_env()
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "step 4/4" in res.stdout
+  # The persistent compilation cache: the train step (and the evals) are stored for next time.
+  assert len(os.listdir(tmp_path / "xla")) >= 1
   # The terminal holds what a person needs: each progress line once, no library INFO logs.
   assert (res.stdout + res.stderr).count("step 4/4") == 1
   assert not re.search(r"^I\d{4} ", res.stderr, re.M), res.stderr[:2000]

@@ -80,7 +80,9 @@ def make_pipeline(config, text_dirs, image_dirs, mesh, rules, *, model_cfg: Unit
       token_budget=d.token_budget or 16384, batch_size=d.batch_size or None,
       max_txt_len=d.max_txt_len, seed=seed, shuffle=train, drop_remainder=True,
       feat_dtype=d.feat_dtype, img_dim=model_cfg.img_dim, vocab_size=model_cfg.vocab_size,
-      vocab_hash=vocab_hash, soft_labels=soft_labels, batch_axes=sharding.batch_axes(rules))
+      vocab_hash=vocab_hash, soft_labels=soft_labels, batch_axes=sharding.batch_axes(rules),
+      # The same global batches on any process count dividing it (docs/multihost.md).
+      plan_hosts=d.plan_hosts or None)
   return InputPipeline(text_dirs, image_dirs, mesh=mesh, config=pc, state=state, **overrides)
 
 

@@ -60,6 +60,10 @@ class PipelineConfig:
   strict: bool = False  # texts whose image is missing: error instead of counted skip
   batch_axes: tuple[str, ...] = ("data", "fsdp")  # mesh axes the batch dim is sharded over
   prefetch: int = 2  # batches prepared ahead on the host and on the devices
+  # Readers the data plan is made for (None: the process count, or a restored state's). Batches
+  # depend on it, not on the process count: each process reads plan_hosts / process_count of
+  # them, so any process count dividing it sees the same global batches (resume elsewhere).
+  plan_hosts: int | None = None
 
 
 def _fingerprint(obj: Any) -> str:
@@ -89,22 +93,27 @@ class InputPipeline:
     self.mesh = mesh
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
+    self.plan_hosts = self._resolve_plan_hosts(c.plan_hosts, state)
+    per = self.plan_hosts // self.process_count
+    # Contiguous readers per process: process i's rows are rows i*B/P .. of the global batch
+    # (make_array_from_process_local_data), so the order matches a run on fewer processes.
+    self.read_hosts = tuple(range(self.process_index * per, (self.process_index + 1) * per))
     self.batch_axes = tuple(a for a in c.batch_axes if mesh is not None and a in mesh.axis_names)
     dp = 1
     for a in self.batch_axes:
       dp *= mesh.shape[a]
-    multiple = int(np.lcm.reduce([c.batch_multiple, dp, self.process_count]))
+    multiple = int(np.lcm.reduce([c.batch_multiple, dp, self.plan_hosts]))
     if c.batch_size is not None and c.batch_size % multiple:
       raise ValueError(
           f"batch_size {c.batch_size} must be a multiple of {multiple} (batch_multiple {c.batch_multiple}, "
-          f"data-parallel size {dp} over {self.batch_axes}, {self.process_count} hosts)"
+          f"data-parallel size {dp} over {self.batch_axes}, {self.plan_hosts} data readers)"
       )
     self.planner = Planner(
         self.text_dirs, self.image_dirs,
         txt_buckets=c.txt_buckets, img_buckets=c.img_buckets,
         batch_sizes=None if c.batch_size is None else collections.defaultdict(lambda: c.batch_size),
         token_budget=c.token_budget, batch_multiple=multiple, max_txt_len=c.max_txt_len,
-        num_hosts=self.process_count, window_shards=c.window_shards, shuffle=c.shuffle,
+        num_hosts=self.plan_hosts, window_shards=c.window_shards, shuffle=c.shuffle,
         drop_remainder=c.drop_remainder, seed=c.seed, img_dim=c.img_dim, vocab_size=c.vocab_size,
         vocab_hash=c.vocab_hash, strict=c.strict,
     )
@@ -115,9 +124,9 @@ class InputPipeline:
     self.cls_id, self.sep_id = int(p.tokenizer["cls_id"]), int(p.tokenizer["sep_id"])
     self._prepare_fields()
     self._fp = _fingerprint({
-        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("prefetch",)},
+        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("prefetch", "plan_hosts")},
         "texts": len(p.text_ids), "shards": [s.path.rsplit("/", 2)[-2:] for s in p.shards],
-        "hosts": self.process_count,
+        "hosts": self.plan_hosts,  # the resolved value (the config's may be None)
     })
     self._epoch, self._step = 0, 0
     if state is not None:
@@ -128,6 +137,16 @@ class InputPipeline:
           f"no full batch in an epoch: {int(p.valid.sum())} usable texts for batch sizes "
           f"{sorted(set(p.batch_sizes.tolist()))}; lower token_budget / batch_size or pass drop_remainder=False"
       )
+
+  def _resolve_plan_hosts(self, given: int | None, state: dict | None) -> int:
+    """plan_hosts: as given, else the restored state's (exact resume), else the process count."""
+    n = int(given or (state or {}).get("plan_hosts") or self.process_count)
+    if n % self.process_count:
+      raise fmt.DataError(
+          f"the data plan is for {n} readers (plan_hosts; a resumed run keeps its first run's), "
+          f"which {self.process_count} processes cannot share evenly; run on a number of "
+          f"processes dividing {n}, or start the data from scratch")
+    return n
 
   # -- public state and info.
   @property
@@ -154,7 +173,8 @@ class InputPipeline:
 
   def state(self) -> dict:
     """Position after the last batch handed out; JSON-serialisable, save it with the checkpoint."""
-    return {"epoch": self._epoch, "step": self._step, "fingerprint": self._fp}
+    return {"epoch": self._epoch, "step": self._step, "fingerprint": self._fp,
+            "plan_hosts": self.plan_hosts}
 
   def restore(self, state: dict) -> None:
     """Continues from `state()`: the next batch is the one an uninterrupted run would yield."""
@@ -226,8 +246,8 @@ class InputPipeline:
       out["f:" + name] = v
     return out
 
-  def _windows(self, epoch: int, start_step: int) -> Iterator[dict]:
-    plan = self.planner.plan(epoch, self.process_index)
+  def _windows(self, epoch: int, start_step: int, host: int) -> Iterator[dict]:
+    plan = self.planner.plan(epoch, host)
     nb = self.planner.num_buckets
     todo = plan.ex_key // nb >= start_step
     for w in range(len(plan.windows)):
@@ -251,8 +271,8 @@ class InputPipeline:
       sig["f:" + name] = tf.TensorSpec([None] * arr.ndim, tf.as_dtype(arr.dtype))
     return sig
 
-  def _epoch_dataset(self, epoch: int, start_step: int):
-    """One epoch of host-local batches from `start_step` on, as a tf.data.Dataset."""
+  def _epoch_dataset(self, epoch: int, start_step: int, host: int):
+    """One epoch of plan host `host`'s batches from `start_step` on, as a tf.data.Dataset."""
     tf = fmt._tf()  # pylint: disable=protected-access
     p = self.planner
     c = self.config
@@ -265,7 +285,7 @@ class InputPipeline:
     n_img = len(p.img_buckets)
     txt_sizes = tf.constant([p.bucket_shape(b)[0] for b in range(nb)], tf.int32)
     img_sizes = tf.constant([p.bucket_shape(b)[1] for b in range(nb)], tf.int32)
-    local_bs = tf.constant(p.batch_sizes // self.process_count, tf.int64)
+    local_bs = tf.constant(p.batch_sizes // self.plan_hosts, tf.int64)
     del n_img
     spec = {
         "features": tf.io.FixedLenFeature([], tf.string),
@@ -274,7 +294,7 @@ class InputPipeline:
     if soft:
       spec["soft_labels"] = tf.io.FixedLenFeature([], tf.string)
     windows = tf.data.Dataset.from_generator(
-        lambda: self._windows(epoch, start_step), output_signature=self._signature(tf)
+        lambda: self._windows(epoch, start_step, host), output_signature=self._signature(tf)
     )
 
     def load_window(w):
@@ -328,25 +348,34 @@ class InputPipeline:
   def _batches_from(self, epoch: int, step: int) -> Iterator[tuple[dict, tuple[int, int]]]:
     """(host-local NumPy batch, position after it) in step order, from (epoch, step) on."""
     c = self.config
-    nb = self.planner.num_buckets
     tf = fmt._tf()  # pylint: disable=protected-access
     while c.num_epochs is None or epoch < c.num_epochs:
-      pending: dict[int, dict] = {}  # batches that completed on this host before their step
+      streams = [self._plan_host_batches(epoch, step, h) for h in self.read_hosts]
       try:
-        for batch in self._epoch_dataset(epoch, step).as_numpy_iterator():
-          pending[int(batch.pop("key")[0]) // nb] = batch
-          while step in pending:
-            out = pending.pop(step)
-            step += 1
-            yield out, ((epoch, step) if step < self.steps_per_epoch else (epoch + 1, 0))
+        # strict: every reader's stream is drained, so each checks its own epoch end.
+        for parts in zip(*streams, strict=True):
+          step += 1
+          out = parts[0] if len(parts) == 1 else {
+              k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          yield out, ((epoch, step) if step < self.steps_per_epoch else (epoch + 1, 0))
       except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
         bad = self._first_bad_shard()
         if bad is None:  # not a damaged shard: keep TensorFlow's error
           raise
         raise bad from None
-      if pending or step != self.steps_per_epoch:
-        raise RuntimeError(f"epoch {epoch} ended at step {step} of {self.steps_per_epoch} with {len(pending)} pending")
       epoch, step = epoch + 1, 0
+
+  def _plan_host_batches(self, epoch: int, step: int, host: int) -> Iterator[dict]:
+    """Plan host `host`'s NumPy batches of `epoch` in step order, from `step` on."""
+    nb = self.planner.num_buckets
+    pending: dict[int, dict] = {}  # batches that completed on this host before their step
+    for batch in self._epoch_dataset(epoch, step, host).as_numpy_iterator():
+      pending[int(batch.pop("key")[0]) // nb] = batch
+      while step in pending:
+        yield pending.pop(step)
+        step += 1
+    if pending or step != self.steps_per_epoch:
+      raise RuntimeError(f"epoch {epoch} ended at step {step} of {self.steps_per_epoch} with {len(pending)} pending")
 
   def _first_bad_shard(self) -> fmt.DataError | None:
     """The DataError naming the first unreadable image shard (file and record), if any.
