@@ -2,20 +2,33 @@
 
 One short training run (module fixture) serves every test: loss goes down, eval runs,
 predict writes one answer per question, init_from a pretraining export / an orbax workdir,
-and bad input (missing images, out-of-range answer ids).
+bad input (missing images, out-of-range answer ids), and its export: self-contained (the
+parameters, the model record, the run's vocab, answer list and config, and a model card, all
+readable by others, written as one unit; docs/reliability.md), loaded back bit for bit.
+tools.convert writes its pair as one unit too.
 """
 
+import contextlib
+import io
 import json
 import os
+import pathlib
+import re
+import socket
+import stat
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+import uniter_jax
 from configs import vqa as vqa_config
-from uniter_jax import checkpointing, pytree, train
+from helpers import random_batch, to_jnp, world_config
+from test_reliability import OFFICIAL, _snapshot
+from uniter_jax import checkpointing, exporting, pytree, train
 from uniter_jax.data import format as fmt
-from helpers import world_config
+from uniter_jax.tools import convert
 
 
 def _config(world, **overrides):
@@ -122,31 +135,6 @@ def test_missing_image_is_counted_in_eval_and_an_error_in_predict(run, tiny_worl
                              str(tmp_path / "d"), mode="eval")
 
 
-def test_load_a_workdir_equals_its_export(run, tiny_world):
-  import uniter_jax  # pylint: disable=import-outside-toplevel
-  from helpers import to_jnp  # pylint: disable=import-outside-toplevel
-  workdir, _ = run
-  train.train_and_evaluate(_config(tiny_world, export_overwrite=True), workdir, mode="export")
-  from_orbax = uniter_jax.load(workdir)  # the latest orbax checkpoint, model from the record
-  from_export = uniter_jax.load(os.path.join(workdir, "export"))
-  assert type(from_orbax).__name__ == type(from_export).__name__ == "UniterForVqa"
-  batch = next(iter(train.make_pipeline(
-      _config(tiny_world), [f"{tiny_world}/txt/vqa_val"], [f"{tiny_world}/img_db"], None,
-      (), model_cfg=from_export.config, seed=0, train=False)))
-  batch = to_jnp({k: np.asarray(v) for k, v in batch.items()
-                  if k in ("input_ids", "txt_mask", "img_feat", "img_pos", "img_mask")})
-  a = pytree.flatten(nnx.to_pure_dict(nnx.state(from_orbax, nnx.Param)))
-  b = pytree.flatten(nnx.to_pure_dict(nnx.state(from_export, nnx.Param)))
-  assert set(a) == set(b)
-  for k in a:  # the same parameters, bit for bit
-    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=str(k))
-  # Outputs agree to float32 rounding (orbax gives jax.Arrays, msgpack NumPy arrays). Jitted:
-  # op-by-op dispatch of two forward passes costs more than compiling one.
-  forward = nnx.jit(lambda model, batch: model(batch))
-  np.testing.assert_allclose(np.asarray(forward(from_orbax, batch)),
-                             np.asarray(forward(from_export, batch)), rtol=1e-5, atol=1e-6)
-
-
 def test_a_workdir_of_another_model_is_refused_before_anything_is_written(run, tiny_world,
                                                                           tmp_path):
   from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
@@ -192,3 +180,178 @@ def test_init_from_and_vocab_mistakes_are_named(run, tiny_world, tmp_path, capsy
                                           "model's vocab is"):
     train.train_and_evaluate(_config(tiny_world, **{"data.vocab": str(tmp_path / "vocab.txt")}),
                              workdir, mode="eval")
+
+
+# -- The export ---------------------------------------------------------------------------
+
+
+def _mode(path) -> int:
+  """Permission bits of a file or folder."""
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _card_metrics(card: str) -> tuple[int, dict[str, float]]:
+  """(step, {metric: value}) of the card's held-out evaluation section."""
+  section = card.split("## Held-out evaluation (step ")[1].split("\n## ")[0]
+  step = int(section.split(")")[0])
+  rows = re.findall(r"^\| (\S+) \| (\S+) \|$", section, flags=re.M)
+  return step, {k: float(v) for k, v in rows if k != "metric"}
+
+
+def _read(path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+@pytest.fixture(scope="module")
+def export(run, tiny_world):
+  workdir, _ = run
+  said = io.StringIO()
+  with contextlib.redirect_stdout(said):  # what the terminal shows (train.say prints)
+    out = train.train_and_evaluate(_config(tiny_world, export_overwrite=True), workdir,
+                                   mode="export")
+  return workdir, os.path.dirname(out["export"]), said.getvalue()
+
+
+def test_export_holds_vocab_answers_config_and_card(export, tiny_world):
+  workdir, folder, said = export
+  # The terminal says where the export went and what it holds.
+  assert (f"exported step 8 to {folder} (MODEL_CARD.md, ans2label.json, config.json, "
+          "model_config.json, params.msgpack, vocab.txt)") in said, said
+  assert set(os.listdir(folder)) == checkpointing.EXPORT_FILES
+  assert _mode(folder) == 0o755
+  assert {n: _mode(os.path.join(folder, n)) for n in os.listdir(folder)} == {
+      n: 0o644 for n in checkpointing.EXPORT_FILES}
+  assert [p for p in os.listdir(workdir) if p.startswith(".export")] == []  # no temp folder
+  assert _read(os.path.join(folder, "vocab.txt")) == _read(f"{tiny_world}/vocab.txt")
+  want_a2l = json.loads(_read(f"{tiny_world}/txt/vqa_train/ans2label.json"))
+  assert json.loads(_read(os.path.join(folder, "ans2label.json"))) == want_a2l
+  assert _read(os.path.join(folder, "config.json")) == _read(os.path.join(workdir, "config.json"))
+
+  # The card names the steps trained and exactly the workdir's latest held-out metrics.
+  card = _read(os.path.join(folder, "MODEL_CARD.md")).decode()
+  with open(os.path.join(workdir, "eval", "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f][-1]
+  assert "| steps trained | 8 (" in card and "| class | `UniterForVqa` |" in card
+  step, metrics = _card_metrics(card)
+  assert step == last["step"] == 8
+  assert metrics == {k: v for k, v in last.items() if k != "step"}
+  model = uniter_jax.load(folder)
+  assert f"{exporting.param_count(nnx.state(model, nnx.Param)):,}" in card
+
+  # read_export_extras returns them for inference (uniter_jax/inference).
+  extras = checkpointing.read_export_extras(folder)
+  assert extras.vocab == os.path.join(folder, "vocab.txt")
+  assert extras.ans2label == want_a2l
+  assert extras.labels == tuple(sorted(want_a2l, key=want_a2l.get))
+  assert extras.model_card == os.path.join(folder, "MODEL_CARD.md")
+  assert checkpointing.read_export_extras(os.path.join(folder, "params.msgpack")) == extras
+  # config.json is the run's config: it resolves to the exported model's sizes.
+  cfg = ml_collections.ConfigDict(extras.config)
+  spec = train.resolve_data(cfg)
+  assert train.model_config_from(cfg, train.data_sizes(spec)) == model.config
+
+
+def test_load_round_trip_gives_identical_outputs(export):
+  workdir, folder, _ = export
+  from_export, from_workdir = uniter_jax.load(folder), uniter_jax.load(workdir)
+  a = pytree.flatten(nnx.to_pure_dict(nnx.state(from_export, nnx.Param)))
+  b = pytree.flatten(nnx.to_pure_dict(nnx.state(from_workdir, nnx.Param)))
+  assert set(a) == set(b)
+  for k in a:  # the checkpoint's parameters, bit for bit
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=str(k))
+  batch = to_jnp(random_batch(0, b=2, cfg=from_export.config, soft_labels=False))
+  forward = nnx.jit(lambda model, batch: model(batch))
+  # load() puts a workdir's parameters on one device, as the export's, whatever the
+  # checkpoint's layout (8 devices here): the same sums, the same outputs.
+  assert {len(x.sharding.device_set) for x in b.values()} == {1}
+  np.testing.assert_array_equal(np.asarray(forward(from_export, batch)),
+                                np.asarray(forward(from_workdir, batch)))
+
+
+def test_overwrite_replaces_our_export_but_not_a_folder_with_a_foreign_file(export, tiny_world,
+                                                                            tmp_path):
+  workdir, folder, _ = export
+
+  def again(**overrides):
+    return train.train_and_evaluate(_config(tiny_world, **overrides), workdir, mode="export")
+
+  assert checkpointing.not_an_export(folder) is None  # every file an export writes is ours
+  with pytest.raises(FileExistsError, match="export_overwrite"):
+    again()
+  with open(os.path.join(folder, "notes.txt"), "w") as f:
+    f.write("mine")
+  before = _snapshot(pathlib.Path(folder))
+  with pytest.raises(FileExistsError, match=r"holds files an export does not write \(notes.txt\)"):
+    again(export_overwrite=True)
+  assert _snapshot(pathlib.Path(folder)) == before
+  os.unlink(os.path.join(folder, "notes.txt"))
+  # A folder under an export file's name would be deleted with the export: not ours either.
+  vocab = os.path.join(folder, "vocab.txt")
+  os.rename(vocab, f"{folder}.vocab")
+  os.mkdir(vocab)
+  assert "holds vocab.txt, which an export writes as a plain file" in (
+      checkpointing.not_an_export(folder))
+  os.rmdir(vocab)
+  os.rename(f"{folder}.vocab", vocab)
+  again(export_overwrite=True)  # our own export, all six files: replaced
+  assert set(os.listdir(folder)) == checkpointing.EXPORT_FILES
+  # An export of an earlier version (params.msgpack + model_config.json) loads, reads as
+  # having no extras, and is replaced by overwrite.
+  old = tmp_path / "old"
+  model = uniter_jax.load(folder)
+  checkpointing.export_msgpack(model, str(old))
+  assert sorted(os.listdir(old)) == ["model_config.json", "params.msgpack"]
+  assert type(uniter_jax.load(old)) is type(model)
+  assert checkpointing.read_export_extras(str(old)) == checkpointing.ExportExtras(
+      None, None, None, None, None)
+  checkpointing.export_msgpack(model, str(old), overwrite=True,
+                               extras={"ans2label.json": b'{"yes": 0}'})
+  with pytest.raises(ValueError, match=f"1 labels, but the model .* has {model.num_answers} "):
+    checkpointing.read_export_extras(str(old))
+  with pytest.raises(ValueError, match="not files an export holds"):
+    checkpointing.export_msgpack(model, str(tmp_path / "x"), extras={"notes.txt": b""})
+  assert not (tmp_path / "x").exists()
+
+
+def test_config_json_reproduces_the_run_and_an_untrained_export_says_so(export, tmp_path):
+  # The card's recipe: the export's config.json is a config the trainer runs. Exporting with
+  # init_from (no training) gives the same parameters, and a card that says 0 steps, no metrics.
+  _, folder, _ = export
+  cfg = ml_collections.ConfigDict(checkpointing.read_export_extras(folder).config)
+  cfg.init_from = folder
+  out = train.train_and_evaluate(cfg, str(tmp_path / "w"), mode="export")
+  a = pytree.flatten(checkpointing.read_msgpack(out["export"]))
+  b = pytree.flatten(checkpointing.read_msgpack(os.path.join(folder, "params.msgpack")))
+  assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  with open(os.path.join(os.path.dirname(out["export"]), "MODEL_CARD.md")) as f:
+    card = f.read()
+  assert f"| steps trained | 0: the parameters of config.init_from `{folder}` |" in card
+  assert "## Held-out evaluation\n\nNone recorded" in card
+
+
+def test_conversion_writes_its_pair_as_one_unit(tmp_path, capsys):
+  out = tmp_path / "ckpt" / "uniter.msgpack"
+  out.parent.mkdir()
+  # A temporary folder that a SIGKILLed conversion left (its PID is gone): removed by this one.
+  dead = out.parent / f".uniter.msgpack.tmp-{socket.gethostname()}-999999999-abcdefgh"
+  dead.mkdir()
+  (dead / "params.msgpack").write_bytes(b"half")
+  args = ["--from-official", str(OFFICIAL / "state_dict.npz"), "--model-config",
+          str(OFFICIAL / "config.json"), "--out", str(out)]
+  assert convert.main(args) == 0, capsys.readouterr().err
+  assert sorted(os.listdir(out.parent)) == ["model_config.json", "uniter.msgpack"]
+  assert {_mode(p) for p in out.parent.iterdir()} == {0o644}
+  assert convert.main(args + ["--overwrite"]) == 0  # our own pair: replaced
+  assert sorted(os.listdir(out.parent)) == ["model_config.json", "uniter.msgpack"]
+  # Beside a workdir's (or another params file's) record: refused, even with --overwrite.
+  other = tmp_path / "ckpt" / "large.msgpack"
+  before = _snapshot(out.parent)
+  assert convert.main(args[:-1] + [str(other), "--overwrite"]) == 1
+  err = capsys.readouterr().err
+  assert "records the model of another params file or of a workdir (large.msgpack" in err
+  assert _snapshot(out.parent) == before
+  assert convert.main(args[:-1] + [str(out.parent), "--overwrite"]) == 1  # a folder, not a file
+  assert f"{out.parent} is a folder; --out names the params file" in capsys.readouterr().err
+  assert _snapshot(out.parent) == before and sorted(os.listdir(tmp_path)) == ["ckpt"]
+  assert type(uniter_jax.load(out)).__name__ == "UniterForPretraining"
