@@ -311,6 +311,16 @@ def test_image_shard_of_other_feature_size_in_the_pipeline_names_the_file(tiny_w
 # -- One message, no traceback --------------------------------------------------------------
 
 
+def test_truncated_npz_is_one_line_naming_the_file(tmp_path, capsys):
+  src = _npz_dir(tmp_path / "npz")
+  raw = (src / "im1.npz").read_bytes()
+  (src / "im1.npz").write_bytes(raw[: len(raw) // 2])  # a copy cut short
+  status, err = _cli(npz_dir.main, ["--dir", src, "--out", tmp_path / "out"], capsys)
+  assert status == 1
+  _one_error_line(err, f"{src / 'im1.npz'}: unreadable npz")
+  assert not (tmp_path / "out").exists()
+
+
 def test_null_caption_and_non_utf8_input_name_the_file_and_line(tmp_path, capsys):
   _, vocab = _captions(tmp_path)
   (tmp_path / "null.jsonl").write_text('{"image_id": "x", "caption": "a dog"}\n'

@@ -72,6 +72,9 @@ class DataError(ValueError):
 def _tf():
   """Imports TensorFlow on first use only (the model side must not pull it in)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # TF only parses and batches records here: its oneDNN kernels would only add a start-up
+  # log line (printed whatever the log level) to every converter's output.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   for kind in ("GPU", "TPU"):  # The pipeline runs on CPU; keep TF off any accelerator JAX uses.
