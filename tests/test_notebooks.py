@@ -140,6 +140,9 @@ def test_quickstart(quickstart):
   assert out["alignment"] == str(folder / "workdir" / "alignment.png")
 
 
+# About 35 s more: left to -m slow. Its steps (VQA training, eval, export, predictor.answer) run
+# by default in test_vqa_finetune.py and test_inference.py; the other two notebooks run here.
+@pytest.mark.slow
 def test_finetune_vqa_from_the_quickstart_export(quickstart, tiny_world, tmp_path):
   _, pretrained = quickstart
   out = run_notebook("finetune_vqa.ipynb", tmp_path, {
