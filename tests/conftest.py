@@ -27,9 +27,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # finish together instead of one waiting on a long file scheduled last. Measured with
 # --durations; the order changes the wall time only, never what runs.
 LONGEST_FIRST = ("test_trainer.py", "test_notebooks.py", "test_pair_tasks.py",
-                 "test_vqa_finetune.py", "test_train_step.py", "test_inference.py", "test_vcr.py",
-                 "test_retrieval.py", "test_parity_official.py", "test_re_task.py",
-                 "test_model.py")
+                 "test_vqa_finetune.py", "test_train_step.py", "test_inference.py",
+                 "test_reliability.py", "test_vcr.py", "test_retrieval.py",
+                 "test_parity_official.py", "test_re_task.py", "test_model.py",
+                 "test_multihost.py", "test_tfds.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -159,6 +159,9 @@ def test_answer_equals_vqa_predict(tiny_world, images, tmp_path):
   assert one[0][0] == got[0][0][0] and one[0][1] == pytest.approx(got[0][0][1], abs=1e-5)
 
 
+# A classifier head like VQA's (test_answer_equals_vqa_predict, the default variant):
+# left to -m slow for the suite's 10 minutes.
+@pytest.mark.slow
 def test_entails_equals_ve_predict(tiny_world, images, tmp_path):
   workdir, res = _run(ve_config, tiny_world, tmp_path)
   p = uniter_jax.predictor(workdir, processor_settings=ONE_BATCH)
@@ -172,6 +175,9 @@ def test_entails_equals_ve_predict(tiny_world, images, tmp_path):
   assert set(got[0]["scores"]) == {"contradiction", "entailment", "neutral"}
 
 
+# A classifier head like VQA's (test_answer_equals_vqa_predict, the default variant):
+# left to -m slow for the suite's 10 minutes.
+@pytest.mark.slow
 def test_nlvr2_equals_predict(tiny_world, images, tmp_path):
   # Triplet: a random paired-attn head says True to everything here (its features after ReLU
   # and pooling share one sign); the helper is the same for every variant.
