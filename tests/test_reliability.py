@@ -268,15 +268,20 @@ def test_unknown_words_are_counted_in_the_manifest_and_the_summary(tmp_path, cap
   assert "[UNK]: 4 tokens in 2 of 3 texts" in err
 
 
+def _pretrain_pipeline(world: str, img_db: pathlib.Path) -> InputPipeline:
+  """The tiny world's pretraining texts over the image folder `img_db`, in file order."""
+  return InputPipeline([f"{world}/txt/pretrain_train"], [str(img_db)],
+                       config=PipelineConfig(batch_size=8, txt_buckets=(40,), img_buckets=(16,),
+                                             max_txt_len=38, shuffle=False))
+
+
 def test_corrupt_image_shard_in_the_pipeline_names_the_file(tiny_world, tmp_path):
   shutil.copytree(f"{tiny_world}/img_db", tmp_path / "img_db")
   shard = tmp_path / "img_db" / "images-00000.tfrecord"
   raw = bytearray(shard.read_bytes())
   raw[len(raw) // 2] ^= 0xFF  # same size: only the TFRecord checksum can tell
   shard.write_bytes(bytes(raw))
-  pipe = InputPipeline([f"{tiny_world}/txt/pretrain_train"], [str(tmp_path / "img_db")],
-                       config=PipelineConfig(batch_size=8, txt_buckets=(40,), img_buckets=(16,),
-                                             max_txt_len=38, shuffle=False))
+  pipe = _pretrain_pipeline(tiny_world, tmp_path / "img_db")
   with pytest.raises(DataError, match=rf"shard {shard} is corrupt .* at record \d+ "
                                       r"\(corrupted record at \d+\)"):
     for _ in pipe:
@@ -299,9 +304,7 @@ def test_image_shard_of_other_feature_size_in_the_pipeline_names_the_file(tiny_w
   manifest["images"]["shards"][0]["bytes"] = shard.stat().st_size
   (tmp_path / "img_db" / "manifest.json").write_text(json.dumps(manifest))
   dim = manifest["images"]["feat_dim"]
-  pipe = InputPipeline([f"{tiny_world}/txt/pretrain_train"], [str(tmp_path / "img_db")],
-                       config=PipelineConfig(batch_size=8, txt_buckets=(40,), img_buckets=(16,),
-                                             max_txt_len=38, shuffle=False))
+  pipe = _pretrain_pipeline(tiny_world, tmp_path / "img_db")
   with pytest.raises(DataError, match=rf"shard {shard} record \d+: {dim + 8}-d features, the "
                                       rf"manifest says {dim}-d"):
     for _ in pipe:

@@ -209,8 +209,10 @@ def _read_labels(path: str, rec: dict) -> tuple[str, ...]:
   """The labels of ans2label.json by id, checked (ids 0..N-1, each once) as training checks a
   VQA answer list, and against the recorded model's answer count."""
   from uniter_jax.tasks import vqa  # pylint: disable=import-outside-toplevel
-  # Uncached: an export may be replaced by a newer one within one process.
-  labels = vqa.read_answers.__wrapped__(path)
+  # Read here, not through vqa.read_answers' cache: an export may be replaced by a newer one
+  # within one process.
+  with open(path, encoding="utf-8") as f:
+    labels = vqa.answers_of(json.load(f), path)
   n = (rec.get("model_kwargs") or {}).get("num_answers")
   if n is not None and n != len(labels):
     raise ValueError(f"{path}: {len(labels)} labels, but the model ({MODEL_RECORD}) has {n} "
