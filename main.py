@@ -29,7 +29,8 @@ flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics and exp
 flags.DEFINE_string("compilation_cache", "",
                     "Folder of JAX's persistent compilation cache: a second run of the same "
                     "shapes skips compiling. Default: $JAX_COMPILATION_CACHE_DIR, else "
-                    "~/.cache/uniter_jax/xla; 'none' turns it off.")
+                    "~/.cache/uniter_jax/xla; 'none' turns it off (as a run of several "
+                    "processes does: docs/multihost.md).")
 # Multi-process runs (docs/multihost.md): jax.distributed.initialize's arguments, for clusters
 # it cannot detect by itself (TPU pods, SLURM and JAX_COORDINATOR_ADDRESS are detected).
 flags.DEFINE_string("coordinator_address", None,
@@ -112,12 +113,19 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
+  init_distributed()
   cache = FLAGS.compilation_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
       or os.path.join(os.path.expanduser("~"), ".cache", "uniter_jax", "xla")
-  if cache != "none":
+  if jax.process_count() > 1:
+    # No persistent cache with several processes: each computes its own cache key and only
+    # process 0 writes entries, so in a repeated run process 0 loads its programs at once while
+    # the others compile theirs again. No step gets faster (a collective waits for the slowest
+    # process), and on CPU a process reaching its first collective 30 s after another fails
+    # gloo's connect timeout (measured: tests/test_multihost.py, docs/multihost.md).
+    jax.config.update("jax_enable_compilation_cache", False)
+  elif cache != "none":
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  init_distributed()
   # TensorFlow (the input pipeline only) is imported on first use, off the accelerators
   # (uniter_jax.data.format._tf), so a mistake found before the data is read costs no TF import.
   import flax  # pylint: disable=import-outside-toplevel

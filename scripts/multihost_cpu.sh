@@ -9,7 +9,8 @@
 # If a process fails, the others are stopped (SIGTERM, then SIGKILL after $GRACE_S seconds,
 # default 10) and the script exits with that process's status. $LOG_DIR (optional): each
 # process's output goes to $LOG_DIR/process_<i>.log instead of the terminal.
-# Needs bash >= 5.1 (wait -n -p). See docs/multihost.md.
+# Any bash >= 4 (with bash < 5.1, whose `wait` has no -p, it polls the processes every 0.2 s).
+# See docs/multihost.md.
 set -uo pipefail
 
 if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -55,15 +56,36 @@ for ((i = 0; i < n; i++)); do
   pids+=($!)
 done
 
+# next_done: waits until one of "${running[@]}" exits; sets done_pid and rc (its status).
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) && [[ -z ${MULTIHOST_POLL:-} ]]; then
+  next_done() { wait -n -p done_pid "${running[@]}"; rc=$?; }
+else  # bash < 5.1 (MULTIHOST_POLL=1 forces it): bash reaps an exited child at once, so
+  # `kill -0` fails for it and `wait PID` then returns its saved status.
+  next_done() {
+    local pid
+    while true; do
+      for pid in "${running[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+          done_pid=$pid
+          wait "$pid"
+          rc=$?
+          return
+        fi
+      done
+      sleep 0.2
+    done
+  }
+fi
+
 # Wait for every process; the first failure stops the rest (a peer left alone would block in a
 # collective until the coordinator's heartbeat timeout, minutes later).
 status=0
 running=("${pids[@]}")
 for ((left = n; left > 0; left--)); do
-  wait -n -p done_pid "${running[@]}"
-  rc=$?
-  running=("${running[@]/#$done_pid}")  # emptied, not removed: drop it from the next wait
-  running=(${running[@]})
+  next_done
+  rest=()  # the others (an exact match: a pattern would also cut pid 123 off 1234)
+  for pid in "${running[@]}"; do [[ $pid == "$done_pid" ]] || rest+=("$pid"); done
+  running=(${rest[@]+"${rest[@]}"})  # bash < 4.4 calls an empty array unbound under set -u
   if ((rc != 0)); then
     for ((i = 0; i < n; i++)); do [[ ${pids[i]} == "$done_pid" ]] && break; done
     echo "multihost_cpu: error: process $i of $n exited with status $rc; stopping the others" \

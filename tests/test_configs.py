@@ -13,7 +13,7 @@ from uniter_jax.models import UniterConfig
 from uniter_jax.tasks import pretrain as pretrain_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ([(f, v) for f in ("pretrain", "vqa", "ve", "nlvr2")
+VARIANTS = ([(f, v) for f in ("pretrain", "vqa", "ve", "nlvr2", "pretrain_vcr")
              for v in ("default", "tiny", "base", "large")] + [("pretrain", "curriculum")])
 DATA = {"vocab_size": 120, "img_dim": 48, "img_label_dim": 13}
 

@@ -11,9 +11,11 @@ export folder that holds its vocab and answers is checked last.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
+import textwrap
 
 import jax
 import numpy as np
@@ -26,9 +28,10 @@ from configs import nlvr2 as nlvr2_config
 from configs import pretrain as pretrain_config
 from configs import re as re_config
 from configs import retrieval as itr_config
+from configs import vcr as vcr_config
 from configs import ve as ve_config
 from configs import vqa as vqa_config
-from helpers import world_config
+from helpers import tiny_config, world_config
 from uniter_jax import checkpointing, masking, pytree, sharding, tasks, train
 from uniter_jax import train_step as step_lib
 from uniter_jax.data import format as fmt
@@ -38,6 +41,9 @@ from uniter_jax.inference import Predictor, Processor, Regions, draw_alignment, 
 from uniter_jax.losses import pretrain_loss
 from uniter_jax.models import registry
 from uniter_jax.tasks import pretrain as pretrain_task
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _texts(world: str, split: str) -> list[dict]:
@@ -94,22 +100,59 @@ def _same_tokens(p: Predictor, records: list[dict], field: str) -> None:
     np.testing.assert_array_equal(p.processor.token_ids(r[field])[1:-1], r["input_ids"])
 
 
+# -- loading onto a mesh ------------------------------------------------------------------------
+
+def assert_sharded_by_fsdp_rules(model, mesh) -> None:
+  """Every parameter lies on `mesh` as the FSDP rules say: split over 'fsdp' along its one
+  'embed' axis, whole along every other (read off each parameter's logical names here)."""
+  split = 0
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
+    want = tuple(n // mesh.shape["fsdp"] if name == "embed" else n
+                 for n, name in zip(v.shape, names))
+    assert v.value.sharding.mesh == mesh, path
+    for shard in v.value.addressable_shards:
+      assert shard.data.shape == want, (path, names, shard.data.shape)
+    split += want != v.shape
+  assert split > 0
+
+
+def test_load_onto_a_mesh_shards_by_the_rules(tmp_path, mesh):
+  """uniter_jax.load(export, mesh=): each parameter placed by its logical names, the same
+  values (outputs on a mesh: test_answer_equals_vqa_predict, through an orbax workdir)."""
+  model = _random_model("UniterForVqa", tiny_config(), 5, num_answers=7)
+  checkpointing.export_msgpack(model, str(tmp_path / "export"))
+  loaded = uniter_jax.load(tmp_path / "export", mesh=mesh)
+  assert_sharded_by_fsdp_rules(loaded, mesh)
+  want = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  for (path, a), (_, b) in zip(want, nnx.to_flat_state(nnx.state(loaded, nnx.Param)),
+                               strict=True):
+    np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=str(path))
+  with pytest.raises(ValueError, match="pass mesh= too"):
+    uniter_jax.load(tmp_path / "export", rules=())
+
+
 # -- the processor -----------------------------------------------------------------------------
 
-def test_processor_batches_equal_the_pipeline_batches(tiny_world, images):
-  """Texts and image records through the Processor give the eval pipeline's batch rows."""
-  cfg = world_config(vqa_config, tiny_world)
+def _test_rows(config_module, world: str, split: str):
+  """The eval pipeline's first test batch, the records of its real rows and a Processor."""
+  cfg = world_config(config_module, world)
   spec = train.resolve_data(cfg)
   model_cfg = train.model_config_from(cfg, train.data_sizes(spec))
   pipe = train.make_pipeline(cfg, spec.test_text_dirs, spec.image_dirs, None,
                              sharding.FSDP_RULES, model_cfg=model_cfg, seed=0, train=False,
                              drop_remainder=False, num_epochs=1)
   batch = next(iter(pipe))
-  recs = _texts(tiny_world, "vqa_test")
+  recs = _texts(world, split)
   rows = [i for i, e in enumerate(batch["example_index"]) if e >= 0]
   p = Processor(resources.find_vocab(None, cfg), **resources.processor_settings(cfg))
-  mine = p.batch([recs[batch["example_index"][i]]["question"] for i in rows],
-                 [images[recs[batch["example_index"][i]]["image_id"]] for i in rows])
+  return batch, [recs[batch["example_index"][i]] for i in rows], rows, p
+
+
+def test_processor_batches_equal_the_pipeline_batches(tiny_world, images):
+  """Texts and image records through the Processor give the eval pipeline's batch rows."""
+  batch, chosen, rows, p = _test_rows(vqa_config, tiny_world, "vqa_test")
+  mine = p.batch([r["question"] for r in chosen], [images[r["image_id"]] for r in chosen])
   assert mine["input_ids"].shape[0] == p.batch_size(len(rows))
   for k in ("input_ids", "txt_mask", "img_feat", "img_pos", "img_mask"):
     np.testing.assert_array_equal(mine[k][: len(rows)], batch[k][rows], err_msg=k)
@@ -139,7 +182,7 @@ def test_regions_from_pixels_and_normalised_boxes(images):
 
 # -- downstream tasks against --mode=predict ---------------------------------------------------
 
-def test_answer_equals_vqa_predict(tiny_world, images, tmp_path):
+def test_answer_equals_vqa_predict(tiny_world, images, tmp_path, mesh):
   workdir, res = _run(vqa_config, tiny_world, tmp_path)
   # The answers: the run's ans2label.json, found through WORKDIR/config.json.
   p = uniter_jax.predictor(workdir, processor_settings=ONE_BATCH)
@@ -157,6 +200,16 @@ def test_answer_equals_vqa_predict(tiny_world, images, tmp_path):
     assert all(0.0 <= s <= 1.0 for s in scores)
   one = p.answer(recs[0]["question"], images[recs[0]["image_id"]])  # one pair, batch of 1
   assert one[0][0] == got[0][0][0] and one[0][1] == pytest.approx(got[0][0][1], abs=1e-5)
+  # The same model over the 8 devices (uniter_jax.load(mesh=)): the orbax checkpoint restored
+  # into the rules' shardings, each batch split over the data axes; the same answers.
+  on_mesh = uniter_jax.predictor(workdir, processor_settings=ONE_BATCH,
+                                 mesh={"data": 4, "fsdp": 2})
+  assert_sharded_by_fsdp_rules(on_mesh.model, mesh)
+  got_mesh = on_mesh.answer([r["question"] for r in recs], [images[r["image_id"]] for r in recs],
+                            top_k=3)
+  assert [[a for a, _ in t] for t in got_mesh] == [[a for a, _ in t] for t in got]
+  np.testing.assert_allclose([[s for _, s in t] for t in got_mesh],
+                             [[s for _, s in t] for t in got], atol=1e-5)
 
 
 # A classifier head like VQA's (test_answer_equals_vqa_predict, the default variant):
@@ -227,17 +280,76 @@ def test_retrieve_equals_itr_predict(tiny_world, images, tmp_path):
                                atol=1e-4)
 
 
+def test_vcr_batches_equal_the_pipeline_batches(tiny_world, images):
+  """The VCR helper's rows (Processor.vcr_batch; the task's scorer builds the sequences from
+  them) equal the eval pipeline's for the same questions, answers and rationales as strings."""
+  batch, chosen, rows, p = _test_rows(vcr_config, tiny_world, "vcr_test")
+  mine = p.vcr_batch([r["question"] for r in chosen], [r["answers"] for r in chosen],
+                     [r["rationales"] for r in chosen], [images[r["image_id"]] for r in chosen])
+  for k in ("input_ids", "txt_mask", "img_feat", "img_pos", "img_mask", "lens_as", "lens_rs"):
+    np.testing.assert_array_equal(mine[k][: len(rows)], batch[k][rows], err_msg=k)
+  for k in ("as", "rs"):  # the choices' ids one after another (each side padded its own way)
+    for a, b, n in zip(mine[f"input_ids_{k}"], batch[f"input_ids_{k}"][rows],
+                       batch[f"lens_{k}"][rows].sum(1)):
+      np.testing.assert_array_equal(a[:n], b[:n])
+  assert (mine["qa_target"] == -1).all() and not mine["lens_as"][len(rows):].any()
+  with pytest.raises(ValueError, match="4 answers and 4 rationales"):
+    p.vcr_batch(["q"], [chosen[0]["answers"][:3]], [chosen[0]["rationales"]],
+                [images[chosen[0]["image_id"]]])
+
+
+# The helper runs the task's own scorer on those rows (test above): the whole comparison with
+# --mode=predict compiles the 20-sequence VCR forward twice, left to -m slow.
+@pytest.mark.slow
+def test_vcr_equals_vcr_predict(tiny_world, images, tmp_path):
+  workdir, res = _run(vcr_config, tiny_world, tmp_path)
+  # Batches of 8 questions (each 20 sequences: Q->A, QA->R under every answer): one compile.
+  p = uniter_jax.predictor(workdir, processor_settings={"batch_buckets": (8,)})
+  recs = _texts(tiny_world, "vcr_test")
+  _same_tokens(p, recs, "question")
+  for r in recs:  # the choices as strings tokenise to the ids the task read
+    for k in ("as", "rs"):
+      words = [p.processor.tokenizer.encode(c)
+               for c in r["answers" if k == "as" else "rationales"]]
+      assert [len(w) for w in words] == r[f"lens_{k}"].tolist()
+      np.testing.assert_array_equal(np.concatenate(words), r[f"input_ids_{k}"])
+  with open(res["predictions"]) as f:
+    header, *lines = [line.split(",") for line in f.read().splitlines()]
+  assert header[1:5] == [f"answer_{i}" for i in range(4)]
+  written = {line[0]: np.asarray(line[1:], np.float64) for line in lines}
+  got = p.vcr([r["question"] for r in recs], [r["answers"] for r in recs],
+              [r["rationales"] for r in recs], [images[r["image_id"]] for r in recs])
+  assert len(got) == len(recs) == len(written)
+  for r, g in zip(recs, got):
+    w = written[r["id"]]  # 6 decimals
+    np.testing.assert_allclose(g["answer_logits"], w[:4], atol=2e-5)
+    np.testing.assert_allclose(g["rationale_logits"].reshape(-1), w[4:], atol=2e-5)
+    assert g["answer"] == int(np.argmax(w[:4]))
+    assert g["rationale"] == int(np.argmax(w[4:].reshape(4, 4)[g["answer"]]))
+    assert g["answer_probs"].sum() == pytest.approx(1.0)
+  assert len({g["answer"] for g in got}) > 1  # the random model's choices depend on the input
+  one = p.vcr(recs[0]["question"], recs[0]["answers"], recs[0]["rationales"],
+              images[recs[0]["image_id"]])
+  np.testing.assert_allclose(one["rationale_logits"], got[0]["rationale_logits"], atol=1e-5)
+
+
 # -- pretraining heads against the pretraining evaluators --------------------------------------
 
 @pytest.fixture(scope="module")
-def pretrain_eval(tiny_world, tmp_path_factory):
-  """A random pretraining model's `--mode=eval`: the balanced ITM set (16 captions) and the
-  grounding probe on one held-out batch."""
+def pretrain_run(tiny_world, tmp_path_factory):
+  """A random pretraining model's workdir and its `--mode=eval`: the balanced ITM set (16
+  captions) and the grounding probe on one held-out batch. (workdir, result, config)."""
   overrides = {"pretrain.mix": {"mlm": 1.0, "itm": 1.0}, "evals.heldout.batches": 1,
                "evals.itm.pairs": 32, "evals.itm.batch_size": 32}
   workdir, res = _run(pretrain_config, tiny_world, tmp_path_factory.mktemp("pre"),
                       mode="eval", **overrides)
-  cfg = world_config(pretrain_config, tiny_world, **SMALL, **overrides)
+  return workdir, res, world_config(pretrain_config, tiny_world, **SMALL, **overrides)
+
+
+@pytest.fixture(scope="module")
+def pretrain_eval(pretrain_run):
+  """(the predictor of the pretraining workdir, its eval result, its config)."""
+  workdir, res, cfg = pretrain_run
   return uniter_jax.predictor(workdir, processor_settings=ONE_BATCH), res, cfg
 
 
@@ -339,6 +451,60 @@ def test_draw_alignment_writes_one_tile_per_word(pretrain_eval, tiny_world, imag
   assert os.path.getsize(blank) > 0
 
 
+def _readme_block(heading: str) -> str:
+  """The first indented code block after `heading` in README.md, dedented."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    lines = f.read().split(heading, 1)[1].splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+  end = next((i for i in range(start, len(lines))
+              if lines[i].strip() and not lines[i].startswith("    ")), len(lines))
+  return textwrap.dedent("\n".join(lines[start:end]))
+
+
+def test_readme_inference_example_runs_on_an_export(pretrain_run, tiny_world):
+  """The README's *Inference* lines as written, on `--mode=export` of the pretraining run (the
+  two paths swapped for the fixture's): README and code cannot drift apart."""
+  workdir, _, cfg = pretrain_run
+  train.train_and_evaluate(cfg, workdir, mode="export")
+  code = _readme_block("## Inference: a trained model in a few lines")
+  paths = {'"workdir/pretrain/export"': repr(os.path.join(workdir, "export")),
+           '"data/synthetic/img_db"': repr(os.path.join(tiny_world, "img_db"))}
+  for old, new in paths.items():
+    assert old in code, (old, code)
+    code = code.replace(old, new)
+  scope: dict = {}
+  values = []  # each expression statement's value, as a notebook would show it
+  for node in ast.parse(code).body:
+    if isinstance(node, ast.Expr):
+      values.append(eval(compile(ast.Expression(node.value), "README.md", "eval"), scope))
+    else:
+      exec(compile(ast.Module([node], []), "README.md", "exec"), scope)
+  itm, masks = values
+  assert isinstance(itm, float) and 0.0 <= itm <= 1.0
+  (guesses,) = masks  # one [MASK]: its top 3 (token, probability)
+  assert len(guesses) == 3 and all(isinstance(t, str) for t, _ in guesses)
+  assert [q for _, q in guesses] == sorted((q for _, q in guesses), reverse=True)
+
+
+def test_only_process_zero_writes_exports_and_predictions(pretrain_run, tmp_path, monkeypatch):
+  """In a run of several processes only process 0 writes (files.is_writer): as process 1,
+  --mode=export and a results file leave nothing behind. (2 real processes: test_multihost,
+  under -m slow.)"""
+  workdir, _, cfg = pretrain_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("export"))
+  monkeypatch.setattr(jax, "process_index", lambda *_: 1)
+  out = train.train_and_evaluate(cfg, copy, mode="export")
+  assert out["export"] == os.path.join(copy, "export", checkpointing.PARAMS)
+  assert not [e for e in os.listdir(copy) if "export" in e], os.listdir(copy)
+  results = vqa_eval.write_results(str(tmp_path / "results.json"), [1], ["yes"])
+  assert not os.path.exists(results)
+  monkeypatch.undo()
+  vqa_eval.write_results(results, [1], ["yes"])  # process 0 (and a single process) writes
+  with open(results) as f:
+    assert json.load(f) == [{"question_id": 1, "answer": "yes"}]
+
+
 # -- where vocab and answers come from, and misuse ---------------------------------------------
 
 def test_vocab_and_answers_from_the_export_folder_and_clear_errors(tiny_world, images, tmp_path):
@@ -356,6 +522,8 @@ def test_vocab_and_answers_from_the_export_folder_and_clear_errors(tiny_world, i
     p.answer("is there a star ?", next(iter(images.values())))
   with pytest.raises(TypeError, match="needs a UniterForPretraining model"):
     p.itm_score("a star", next(iter(images.values())))
+  with pytest.raises(TypeError, match="needs a UniterForVcr model"):
+    p.vcr("a star ?", ["yes"] * 4, ["it is"] * 4, next(iter(images.values())))
   shutil.copy(spec.vocab, os.path.join(export, "vocab.txt"))
   with open(os.path.join(export, "ans2label.json"), "w") as f:
     json.dump({"yes": 0, "no": 1, "2": 2}, f)

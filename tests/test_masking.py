@@ -1,5 +1,7 @@
 """Conditional masking and ITM negatives: statistics over many draws, invariants."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,6 +126,32 @@ def test_itm_negatives_never_own_image_and_same_image_is_positive():
   np.testing.assert_array_equal(np.asarray(out["itm_targets"]), expected)
   np.testing.assert_array_equal(out["input_ids"], batch["input_ids"])  # text never replaced
   np.testing.assert_array_equal(np.asarray(out["img_ids"]), np.asarray(img_ids)[src])
+
+
+def test_paired_itm_negatives_show_every_caption_and_image_matched_and_mismatched():
+  n, g = 96, 32
+  rng = np.random.default_rng(4)
+  img_ids = jnp.asarray(rng.integers(0, 60, n), jnp.int32)  # some duplicates
+  feat = jnp.asarray(np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3)))
+  txt = jnp.asarray(np.arange(n, dtype=np.int32)[:, None] * np.ones((1, 3), np.int32))
+  batch = dict(input_ids=txt, txt_mask=jnp.ones((n, 3), bool), img_feat=feat,
+               img_pos=jnp.zeros((n, 2, 7)), img_mask=jnp.ones((n, 2), bool), img_ids=img_ids)
+  cfg = dataclasses.replace(MaskingConfig(), itm_paired=True)
+  for seed in range(3):
+    out = apply_objective(jax.random.key(seed), batch, "itm", cfg, itm_group_size=g)
+    text = np.asarray(out["input_ids"])[:, 0]
+    src = np.asarray(out["img_feat"])[:, 0, 0].astype(int)
+    assert len(text) == 2 * n
+    np.testing.assert_array_equal(np.sort(text), np.repeat(np.arange(n), 2))  # each caption 2x
+    np.testing.assert_array_equal(np.sort(src), np.repeat(np.arange(n), 2))  # each image 2x
+    own = text == src
+    assert own.sum() == n  # one own pair per caption, one with another row's image
+    assert (src // g == text // g).all()  # within the device-local group
+    # rows stay in their group's block of 2g (the own pairs, then the swapped ones)
+    assert (np.arange(2 * n) // (2 * g) == text // g).all()
+    expected = (np.asarray(img_ids)[src] == np.asarray(img_ids)[text]).astype(int)
+    np.testing.assert_array_equal(np.asarray(out["itm_targets"]), expected)
+    np.testing.assert_array_equal(np.asarray(out["img_ids"]), np.asarray(img_ids)[src])
 
 
 def test_focus_words_resolve_through_the_vocab_and_unknown_words_are_named():

@@ -17,6 +17,8 @@ import json
 import os
 import pathlib
 import re
+import shutil
+import subprocess
 
 import nbformat
 import pytest
@@ -24,8 +26,9 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 # Kernels see 2 fake CPU devices, so the notebooks' mesh (data = jax.device_count()) is really
-# data parallel; with this process's 8 the quickstart takes about 3x longer on 2 cores (orbax
-# compiles a copy per array on every save, and each step runs on 8 devices).
+# data parallel; with this process's 8 the quickstart took about 3x longer on 2 cores (each step
+# runs on 8 devices; orbax then also compiled a slice per array on every save, since avoided:
+# uniter_jax/checkpointing.py).
 KERNEL_DEVICES = 2
 # Smaller programs to compile, so the file takes about a minute on a 2-core CPU: one encoder
 # layer, pretraining on MLM alone (the full objective mix compiles 3x longer; the trainer tests
@@ -91,8 +94,46 @@ def test_notebooks_are_stored_clean():
     assert {"SIZE", "DATA", "WORKDIR"} <= declared, (name, declared)
     if name != "official_checkpoint.ipynb":  # it trains nothing
       assert {"STEPS", "OVERRIDES"} <= declared, (name, declared)
-    setup = [c.source for c in nb.cells if "!pip install" in c.source]
-    assert len(setup) == 1 and "if ON_COLAB:" in setup[0], name
+    setup = [c.source for c in nb.cells if "if ON_COLAB:" in c.source]
+    assert len(setup) == 1 and '"pip", "install"' in setup[0], name
+
+
+def _setup_cells() -> dict[str, str]:
+  """Each notebook's Colab setup cell."""
+  return {p.name: next(c.source for c in nbformat.read(p, as_version=4).cells
+                       if "if ON_COLAB:" in c.source) for p in sorted(NOTEBOOKS.glob("*.ipynb"))}
+
+
+def test_colab_setup_fetches_the_repository_from_a_url_a_folder_or_a_zip(tmp_path):
+  """The setup cell (one copy: the notebooks differ in what they pip-install only) refuses the
+  placeholder with a message, uses a folder in place, unpacks an uploaded .zip (whatever folder
+  it wraps the repository in) and clones a git URL; an existing checkout is kept."""
+  cells = {name: re.sub(r"(?m)^PIP = .*$", "", src) for name, src in _setup_cells().items()}
+  assert len(set(cells.values())) == 1, "the notebooks' setup cells differ"
+  scope: dict = {}
+  exec(next(iter(_setup_cells().values())), scope)  # off Colab: defines fetch, runs nothing
+  fetch = scope["fetch"]
+  with pytest.raises(SystemExit, match="REPO is the placeholder: set it in the setup cell"):
+    fetch(scope["REPO"], str(tmp_path / "never"))
+  repo = tmp_path / "src" / "uniter_jax-main"  # the folder a GitHub zip download holds
+  repo.mkdir(parents=True)
+  (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+  assert fetch(str(repo), str(tmp_path / "never")) == str(repo)
+  archive = shutil.make_archive(str(tmp_path / "upload"), "zip", tmp_path / "src")
+  got = fetch(archive, str(tmp_path / "from_zip"))
+  assert (pathlib.Path(got) / "pyproject.toml").read_text() == "[project]\nname = 'x'\n"
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  subprocess.run(git + ["add", "pyproject.toml"], check=True)
+  subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+  got = fetch(repo.as_uri(), str(tmp_path / "cloned"))
+  assert (pathlib.Path(got) / "pyproject.toml").is_file() and (pathlib.Path(got) / ".git").is_dir()
+  assert fetch("https://example.invalid/x.git", got) == got  # already there: no network
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("not the repository")
+  with pytest.raises(SystemExit, match="holds no pyproject.toml"):
+    fetch(shutil.make_archive(str(tmp_path / "other"), "zip", other), str(tmp_path / "x"))
 
 
 @pytest.fixture(scope="module")

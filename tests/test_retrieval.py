@@ -21,6 +21,7 @@ from uniter_jax.data import format as fmt
 from uniter_jax.evaluators import retrieval as ev
 from uniter_jax.models import UniterForPretraining, registry
 from uniter_jax.tasks import retrieval as itr
+from uniter_jax.tasks import retrieval_rerank as rerank
 from uniter_jax.tasks import retrieval_scores as scoring
 from helpers import random_batch, tiny_config, world_config
 
@@ -110,6 +111,31 @@ def test_negatives_are_never_a_true_match():
   assert not np.asarray(same[2]).any()
 
 
+def test_pool_rows_join_the_candidates_and_are_never_a_true_match():
+  cfg = tiny_config()
+  b = random_batch(0, b=4, lt=6, cfg=cfg, soft_labels=False)
+  p = random_batch(1, b=8, lt=9, cfg=cfg, soft_labels=False)
+  b["img_ids"] = np.array([7, 7, 8, 9], np.int32)
+  p["img_ids"] = np.array([7, 8, 9, 7, 8, 9, 10, 7], np.int32)  # other captions of 7, 8, 9
+  batch = {k: jnp.asarray(v) for k, v in {**b, **{f"pool_{k}": v for k, v in p.items()}}.items()}
+  merged, n = itr.with_pool(batch)
+  assert n == 4 and merged["input_ids"].shape == (12, 9)  # text blocks padded to the wider
+  np.testing.assert_array_equal(merged["input_ids"][:4, :6], b["input_ids"])
+  assert not np.asarray(merged["txt_mask"][:4, 6:]).any()
+  np.testing.assert_array_equal(merged["img_feat"][4:], p["img_feat"])
+  ids = np.asarray(merged["img_ids"])
+  draw = jax.jit(jax.vmap(lambda k: itr.draw_negatives(k, merged["img_ids"],
+                                                       merged["txt_mask"].any(1), n)))
+  neg_img, neg_txt, ok = map(np.asarray, draw(jax.random.split(jax.random.PRNGKey(0), 300)))
+  assert neg_img.shape == (300, 4) and ok.all()
+  for neg in (neg_img, neg_txt):
+    assert (ids[neg] != ids[None, :4]).all()  # another caption of the image is no negative
+    for r in range(4):  # every allowed row, pool rows included, is drawn at some point
+      assert set(neg[:, r].tolist()) == set(np.nonzero(ids != ids[r])[0].tolist())
+  rows, w = itr.random_negative_batch(jax.random.PRNGKey(1), merged, n)
+  assert rows["input_ids"].shape == (12, 9) and w.shape == (4,)
+
+
 def test_negative_batch_layout():
   cfg = tiny_config()
   b = random_batch(0, b=4, cfg=cfg, soft_labels=False)
@@ -161,6 +187,10 @@ def test_all_pairs_scores_equal_the_model_and_resume(scorer_setup, mesh, tmp_pat
     want = np.asarray(ref(params, rest, pairs))[:, 0].reshape(11, 7)
     np.testing.assert_allclose(full, want, atol=1e-5)
     assert any("pairs/s" in m and "ETA" in m for m in lines)
+    # Captions blocked by length with their padding cut (widths 8 and 9 here): same scores.
+    trimmed = scoring.score_all_pairs(fn, params, rest, texts, images, block_txt=4,
+                                      block_img=4, trim_text=8)
+    np.testing.assert_allclose(trimmed, full, atol=1e-5)
     # Interrupted after 2 of 6 blocks, then resumed: the same matrix, 4 blocks scored.
     store = scoring.ScoreStore(str(tmp_path / "s.npz"), {"step": 1})
     assert scoring.score_all_pairs(fn, params, rest, texts, images, block_txt=4, block_img=4,
@@ -298,6 +328,62 @@ def test_config_variants(variant):
   if variant in itr_config.OFFICIAL:
     assert got.hidden_size == (1024 if variant.endswith("large") else 768)
     assert c.itr.hard_negatives == (31 if "_hn" in variant else 0)
+    assert c.itr.pool >= (400 if "_hn" in variant else 64)
     assert c.evals.itr.dtype == "bfloat16"
   with pytest.raises(ValueError, match="unknown variant"):
     itr_config.get_config("nope")
+
+
+def test_two_stage_equals_all_pairs_when_everything_is_shortlisted(scorer_setup, mesh):
+  model, graphdef, params, rest, rules, texts, images = scorer_setup
+  pair_fn = rerank.make_pair_scorer(graphdef, rules)
+  side = {s: rerank.make_side_encoder(graphdef, rules, s) for s in ("text", "image")}
+  with jax.set_mesh(mesh):
+    # Reference: every pair through the cross-encoder, placed row-major by hand.
+    ti, ii = np.meshgrid(np.arange(11), np.arange(7), indexing="ij")
+    full = rerank.score_pairs(pair_fn, params, rest, texts, images, ti.ravel(), ii.ravel(),
+                              16).reshape(11, 7)
+    same, info = rerank.two_stage_scores(pair_fn, side["text"], side["image"], params, rest,
+                                         texts, images, m=11, chunk=16)
+    np.testing.assert_allclose(same, full, atol=1e-5)
+    assert info["pairs_scored"] == info["pairs_all"] == 77
+    two, info = rerank.two_stage_scores(pair_fn, side["text"], side["image"], params, rest,
+                                        texts, images, m=2, chunk=16)
+    emb = {s: rerank.encode_side(side[s], params, rest, d, 16)
+           for s, d in (("text", texts), ("image", images))}
+  cheap = rerank.cheap_scores(emb["text"], emb["image"])
+  keep = rerank.shortlist(cheap, 2)
+  # Each caption keeps its 2 best images, each image its 2 best captions, nothing else.
+  want = np.zeros_like(keep)
+  for t in range(11):
+    want[t, np.argsort(-cheap[t], kind="stable")[:2]] = True
+  for i in range(7):
+    want[np.argsort(-cheap[:, i], kind="stable")[:2], i] = True
+  np.testing.assert_array_equal(keep, want)
+  assert info["pairs_scored"] == keep.sum() < 77
+  # Shortlisted pairs carry the cross-encoder score and rank above every other pair.
+  np.testing.assert_allclose(two[keep], full[keep], atol=1e-5)
+  assert two[~keep].max() < two[keep].min()
+
+
+@pytest.mark.slow
+def test_hard_negative_training_with_a_pool_resumes_exactly(tiny_world, tmp_path):
+  """The trainer end to end with hard negatives mined from the batch and the pool stream; a
+  run stopped at step 2 and resumed equals an uninterrupted one (the pool's position is saved
+  in the checkpoint). Small variants: the hard-negative and pool tests above, itr_run."""
+  over = {"itr.hard_negatives": 2, "itr.hard_pool": 7, "itr.pool": 16, "total_steps": 4,
+          "log_every_steps": 1, "checkpoint_every_steps": 2, "evals.itr.every_steps": 0}
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(world_config(itr_config, tiny_world, **over), straight)
+  train.train_and_evaluate(world_config(itr_config, tiny_world, stop_at_step=2, **over),
+                           resumed)
+  train.train_and_evaluate(world_config(itr_config, tiny_world, **over), resumed)
+  rows = []
+  for w in (straight, resumed):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      rows.append({r["step"]: r for r in map(json.loads, f) if "loss" in r})
+  assert sorted(rows[0]) == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and 0 <= r["train_pos_above_neg"] <= 1
+             for r in rows[0].values())
+  for step in (3, 4):  # after the restart: the same batches, pool rows and losses
+    assert rows[0][step]["loss"] == rows[1][step]["loss"], step

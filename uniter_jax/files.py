@@ -6,17 +6,28 @@ import os
 import pathlib
 import shutil
 import socket
+import sys
 import tempfile
 from typing import Any, Callable, Iterable
 
 PathLike = str | os.PathLike
 
 
+def is_writer() -> bool:
+  """Whether this process writes a run's files: always in one process; in a run of several
+  processes (jax.distributed: they share the workdir and hold the same results) process 0."""
+  jax = sys.modules.get("jax")  # not imported: not a distributed run (data_prep tools)
+  return jax is None or jax.process_index() == 0
+
+
 def atomic_write(path: PathLike, write: Callable[[Any], None], *, overwrite: bool) -> None:
   """Calls write(file) on a temp file in the target folder, then renames it into place.
 
-  An existing `path` is refused unless overwrite; an error leaves no temp file behind.
+  An existing `path` is refused unless overwrite; an error leaves no temp file behind. In a
+  run of several processes only process 0 writes (is_writer); the others return at once.
   """
+  if not is_writer():
+    return
   path = pathlib.Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")

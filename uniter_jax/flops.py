@@ -3,11 +3,15 @@
 XLA's cost analysis counts a loop body once, so a model whose layers run under `nnx.scan`
 would report about 1/num_layers of its encoder FLOPs. Lowering a copy with
 `scan_layers=False` (tracing only: nothing is compiled or materialised) gives the true count.
-Each branch is lowered on its own: a `lax.switch` counts as its costliest branch.
+Each branch is lowered on its own: a `lax.switch` counts as its costliest branch. So does a
+`lax.cond`: code with an exact but rarely taken fallback (the full-width pretraining heads of
+uniter_jax.losses.pretrain.heads_on_targets) traces only its usual path while `counting()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Callable, Mapping
 
@@ -18,6 +22,23 @@ from flax import nnx
 
 from uniter_jax import metrics, sharding, train_step
 from uniter_jax.models import UniterConfig
+
+_COUNTING: contextvars.ContextVar[bool] = contextvars.ContextVar("uniter_flops_counting",
+                                                                default=False)
+
+
+def counting() -> bool:
+  """True while `branch_flops` traces a step (to count FLOPs; the program is never run)."""
+  return _COUNTING.get()
+
+
+@contextlib.contextmanager
+def _counting():
+  token = _COUNTING.set(True)
+  try:
+    yield
+  finally:
+    _COUNTING.reset(token)
 
 
 def unscanned(cfg: UniterConfig) -> UniterConfig:
@@ -43,7 +64,8 @@ def branch_flops(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransform
                  rules: sharding.Rules = sharding.FSDP_RULES) -> dict[str, float]:
   """FLOPs of one update for each branch of `objective` (build model_fn on `unscanned`)."""
   out = {}
-  with sharding.use_rules(rules):  # logical names resolve under an active mesh too
+  # Logical names resolve under an active mesh too.
+  with sharding.use_rules(rules), _counting():
     graphdef = nnx.graphdef(nnx.eval_shape(model_fn))
     state = jax.eval_shape(train_step.init_state_fn(model_fn, tx))
     for i, name in enumerate(objective.names):

@@ -32,6 +32,9 @@ class MaskingConfig:
   mlm_prob: float = 0.15
   mrm_prob: float = 0.15
   itm_neg_prob: float = 0.5
+  # Not in UNITER: every caption once with its own image and once with another image of its
+  # group (the batch doubles), instead of each with itm_neg_prob (sample_itm_negatives).
+  itm_paired: bool = False
   # Not in UNITER: ids masked with `focus_prob` instead of mlm_prob (ERNIE-ViL-style masking
   # of attribute/object words). Empty = the official masking.
   focus_ids: tuple[int, ...] = ()
@@ -40,22 +43,30 @@ class MaskingConfig:
 
 def mask_text(key: jax.Array, input_ids: jax.Array, txt_mask: jax.Array, *, mask_id: int,
               special_ids: Sequence[int], random_range: tuple[int, int], prob: float = 0.15,
-              focus_ids: Sequence[int] = (), focus_prob: float = 1.0
-              ) -> tuple[jax.Array, jax.Array]:
+              focus_ids: Sequence[int] = (), focus_prob: float = 1.0,
+              segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """BERT masking of eligible tokens: returns (masked input_ids, txt_labels with -1 = none).
 
   Each eligible token (real, not a special id such as [CLS]/[SEP]) is selected with `prob`
   (`focus_prob` for ids in `focus_ids`); a selected token becomes [MASK] (80%), a uniform
-  id in `random_range` (10%) or stays (10%). An example with no selection gets its first
-  eligible token forced to [MASK].
+  id in `random_range` (10%) or stays (10%). A segment with no selection gets its first
+  eligible token forced to [MASK]. Segments are the runs of equal `segments` ids (B, Lt) of a
+  row, e.g. the token types of VCR's question / answer / rationale, which the official
+  2nd-stage pretraining masks one by one; None = the whole row is one segment.
   """
   k_sel, k_kind, k_rand = jax.random.split(key, 3)
   eligible = txt_mask.astype(bool) & ~jnp.isin(input_ids, jnp.asarray(special_ids))
   if focus_ids:
     prob = jnp.where(jnp.isin(input_ids, jnp.asarray(focus_ids)), focus_prob, prob)
   selected = jax.random.bernoulli(k_sel, prob, input_ids.shape) & eligible
-  first = eligible & (jnp.cumsum(eligible, axis=1) == 1)
-  forced = first & ~selected.any(axis=1, keepdims=True)
+  if segments is None:
+    first = eligible & (jnp.cumsum(eligible, axis=1) == 1)
+    forced = first & ~selected.any(axis=1, keepdims=True)
+  else:  # same[b, i, j]: tokens i and j are in one segment (static (B, Lt, Lt), no loop)
+    same = segments[:, :, None] == segments[:, None, :]
+    before = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)  # j < i
+    first = eligible & ~jnp.any(same & before & eligible[:, None, :], axis=2)
+    forced = first & ~jnp.any(same & selected[:, None, :], axis=2)
   u = jax.random.uniform(k_kind, input_ids.shape)
   to_mask = (selected & (u < 0.8)) | forced
   to_rand = selected & (u >= 0.8) & (u < 0.9)
@@ -104,12 +115,7 @@ def sample_itm_negatives(key: jax.Array, batch: Batch, prob: float = 0.5,
   (a fixed batch or a token budget).
   """
   b = batch["input_ids"].shape[0]
-  if group_size is None:
-    shards = sharding.batch_shards()
-    group_size = b // shards if b % shards == 0 else b
-  g = group_size
-  if b % g:
-    raise ValueError(f"batch size {b} is not a multiple of the ITM group size {g}")
+  g = _itm_group_size(b, group_size)
   k_neg, k_off = jax.random.split(key)
   idx = jnp.arange(b)
   start, local = idx - idx % g, idx % g
@@ -126,6 +132,44 @@ def sample_itm_negatives(key: jax.Array, batch: Batch, prob: float = 0.5,
   else:
     same = src == idx
   out["itm_targets"] = (same | ~swap).astype(jnp.int32)
+  return out
+
+
+def _itm_group_size(b: int, group_size: int | None) -> int:
+  """The rows an ITM negative is drawn among (None: the rows one device holds)."""
+  if group_size is None:
+    shards = sharding.batch_shards()
+    group_size = b // shards if b % shards == 0 else b
+  if b % group_size:
+    raise ValueError(f"batch size {b} is not a multiple of the ITM group size {group_size}")
+  return group_size
+
+
+def paired_itm_negatives(key: jax.Array, batch: Batch, group_size: int | None = None) -> dict:
+  """Each caption twice: with its own image (a match) and with another image of its group.
+
+  Not UNITER's sampling (sample_itm_negatives), and the batch doubles. Within each group the
+  other image is the one `offset` rows on (one random offset in [1, g) per step, cyclic), so
+  every caption and every image is seen once matched and once mismatched: neither the text
+  nor the image alone tells the label, only their agreement does. Another row of the same
+  image (equal `img_ids`) is still a match. Rows stay in their group, so no image crosses
+  devices; the output interleaves per group: g own pairs, then the group's g swapped pairs.
+  """
+  b = batch["input_ids"].shape[0]
+  g = _itm_group_size(b, group_size)
+  idx = jnp.arange(b)
+  offset = jax.random.randint(key, (), 1, max(g, 2)) if g > 1 else 0
+  other = idx - idx % g + (idx % g + offset) % g
+
+  def doubled(x: jax.Array, swapped: jax.Array) -> jax.Array:
+    pair = jnp.stack([x.reshape(b // g, g, *x.shape[1:]),
+                      swapped.reshape(b // g, g, *x.shape[1:])], axis=1)
+    return pair.reshape(2 * b, *x.shape[1:])
+
+  out = {name: doubled(x, jnp.take(x, other, axis=0) if name in IMAGE_FIELDS else x)
+         for name, x in batch.items()}
+  same = (batch["img_ids"][other] == batch["img_ids"]) if "img_ids" in batch else other == idx
+  out["itm_targets"] = doubled(jnp.ones((b,), jnp.int32), same.astype(jnp.int32))
   return out
 
 
@@ -165,10 +209,11 @@ def apply_objective(key: jax.Array, batch: Batch, objective: str, cfg: MaskingCo
   negatives are drawn within groups of `itm_group_size` rows (None: one group per device).
   """
   if objective == "mlm":
+    # Token types as segments: one type (captions) = the whole row; VCR's Q / A / R each.
     ids, labels = mask_text(key, batch["input_ids"], batch["txt_mask"], mask_id=cfg.mask_id,
                             special_ids=cfg.special_ids, random_range=cfg.random_range,
                             prob=cfg.mlm_prob, focus_ids=cfg.focus_ids,
-                            focus_prob=cfg.focus_prob)
+                            focus_prob=cfg.focus_prob, segments=batch.get("txt_type_ids"))
     return {**batch, "input_ids": ids, "txt_labels": labels}
   if objective in ("mrfr", "mrc", "mrckl"):
     if objective != "mrfr" and "img_soft_labels" not in batch:
@@ -176,5 +221,7 @@ def apply_objective(key: jax.Array, batch: Batch, objective: str, cfg: MaskingCo
                        "soft labels); prepare the image data with soft labels")
     return apply_region_masking(key, batch, cfg.mrm_prob)
   if objective == "itm":
+    if cfg.itm_paired:
+      return paired_itm_negatives(key, batch, itm_group_size)
     return sample_itm_negatives(key, batch, cfg.itm_neg_prob, itm_group_size)
   raise ValueError(f"unknown pretraining objective {objective!r}")

@@ -14,6 +14,7 @@ import contextvars
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -171,6 +172,16 @@ def batch_shards() -> int:
   for a in batch_axes(rules):
     n *= mesh.shape[a]
   return n
+
+
+def to_host(x: Any) -> Any:
+  """A global array (or a tree of them) as NumPy on every process. With several processes a
+  collective (every process must call it); the whole array lands on each host, so keep it to
+  eval outputs and exported parameters."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(np.asarray, jax.device_get(x))
 
 
 def create_sharded(ctor, mesh: jax.sharding.Mesh, rules: Rules):

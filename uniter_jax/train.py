@@ -164,9 +164,11 @@ def load_init_from(path: str, state: dict, graphdef) -> dict:
     ckpt_dir = sub if os.path.isdir(sub) else path
     have, stored = _orbax_params_meta(ckpt_dir)
     params = state["params"]
+    model = nnx.merge(graphdef, params, state["rest"])
+    # Heads the model re-initialises when a table grows (VCR 2nd stage's MLM head) stay at init.
+    have -= set(registry.fresh_heads(model, lambda p: stored[p][0] if p in stored else None))
     wanted = nnx.State({k: v for k, v in params.items() if k in have})
     target = checkpointing.abstract_like(wanted)
-    model = nnx.merge(graphdef, params, state["rest"])
     # A table the model grows from fewer pretrained rows (NLVR2's token types) is restored
     # in its stored shape, then grown (registry.grow_table).
     flat_target = pytree.flatten(nnx.to_pure_dict(target))
@@ -396,14 +398,19 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
       say("initialised parameters from %s", config.init_from)
 
   if mode == "export":
-    model = nnx.merge(graphdef, state["params"], state["rest"])
-    extras = exporting.export_extras(config, workdir, task, spec, model,
-                                     step=int(state["step"]), vocab_hash=sizes.get("vocab_hash"))
-    path = checkpointing.export_msgpack(model, os.path.join(workdir, "export"),
-                                        overwrite=config.get("export_overwrite", False),
-                                        extras=extras)
-    say("exported step %d to %s (%s)", int(state["step"]), os.path.dirname(path),
-        ", ".join(sorted(os.listdir(os.path.dirname(path)))))
+    # Every process joins the gather (parameters may span hosts); process 0 alone writes.
+    params = sharding.to_host(state["params"])
+    model = nnx.merge(graphdef, params, state["rest"])
+    path = os.path.join(workdir, "export", checkpointing.PARAMS)
+    if files.is_writer():
+      extras = exporting.export_extras(config, workdir, task, spec, model,
+                                       step=int(state["step"]),
+                                       vocab_hash=sizes.get("vocab_hash"))
+      path = checkpointing.export_msgpack(model, os.path.dirname(path),
+                                          overwrite=config.get("export_overwrite", False),
+                                          extras=extras)
+      say("exported step %d to %s (%s)", int(state["step"]), os.path.dirname(path),
+          ", ".join(sorted(os.listdir(os.path.dirname(path)))))
     ckpt.close()
     return {"export": path}
 
@@ -448,6 +455,25 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
                        soft_labels=True if task.needs_soft_labels(config) else None)
   task.check_pipeline(config, spec, pipe, "train")
   say("%s", pipe.report())
+  # A task's second stream over the training split (Task.pool_rows): its own seed and order,
+  # one shape (the largest buckets: one compile), its position saved beside the main one's.
+  pool_rows = task.pool_rows(config)
+  pool_pipe = pool_rows and make_pipeline(
+      config, spec.text_dirs, spec.image_dirs, mesh, rules, model_cfg=model_cfg,
+      seed=config.seed + 1, train=True, vocab_hash=sizes.get("vocab_hash"),
+      state=(data_state or {}).get("pool"), batch_size=pool_rows,
+      txt_buckets=tuple(sorted(config.data.txt_buckets))[-1:],
+      img_buckets=tuple(sorted(config.data.img_buckets))[-1:])
+  pool_batches = iter(pool_pipe) if pool_rows else None
+
+  def step_batch() -> dict:
+    b = task.step_fields(next(batches))
+    if pool_batches is not None:
+      b.update({f"pool_{k}": v for k, v in task.step_fields(next(pool_batches)).items()})
+    return b
+
+  def data_state_now() -> dict:
+    return {**pipe.state(), **({"pool": pool_pipe.state()} if pool_rows else {})}
   micro = config.grad_accum_steps > 1
   jitted: dict = {}
 
@@ -512,8 +538,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   with _Preemption() as preempt, jax.set_mesh(mesh):
     try:
       while step < config.total_steps:
-        group_batches = [task.step_fields(next(batches))
-                         for _ in range(config.grad_accum_steps)]
+        group_batches = [step_batch() for _ in range(config.grad_accum_steps)]
         batch = stack_microbatches(group_batches)
         fn = get_step(batch)
         if flops_per_step is None:
@@ -544,7 +569,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
                 or step == config.get("stop_at_step", 0))
         if step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop:
           flush_metrics(step)  # never save a non-finite state
-          checkpointing.save(ckpt, step, state, pipe.state(), force=True)
+          checkpointing.save(ckpt, step, state, data_state_now(), force=True)
         if stop:
           logging.warning("stopped at step %d after saving a checkpoint", step)
           break

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from uniter_jax import files
 
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                  "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -152,9 +153,7 @@ def write_results(path: str, qids: Sequence, answers: Sequence[str]) -> str:
   if len(set(qids)) != len(qids):
     dup = [q for q, n in collections.Counter(qids).items() if n > 1][:5]
     raise ValueError(f"duplicate question ids in the results: {dup}")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump([{"question_id": q, "answer": str(a)} for q, a in zip(qids, answers)], f)
-  os.replace(tmp, path)
+  rows = [{"question_id": q, "answer": str(a)} for q, a in zip(qids, answers)]
+  # files: one writer among several processes, and no half-written file for a reader.
+  files.write_bytes(path, json.dumps(rows).encode(), overwrite=True)
   return path

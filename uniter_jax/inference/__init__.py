@@ -7,7 +7,8 @@
 
 Processor (inputs.py) builds batches as the input pipeline does; Predictor (predictor.py)
 has one helper per task (itm_score, fill_mask, word_region_alignment, answer, entails, nlvr2,
-ground, retrieve); draw_alignment (alignment.py) draws a WRA plan over the image's boxes.
+ground, retrieve, vcr), on one device or a mesh (mesh=); draw_alignment (alignment.py) draws a
+WRA plan over the image's boxes.
 """
 
 from uniter_jax.inference.alignment import Alignment, draw_alignment

@@ -19,6 +19,7 @@ from uniter_jax.data.boxes import img_pos_from_norm_bb, norm_bb_from_xyxy
 from uniter_jax.data.pipeline import PipelineConfig
 from uniter_jax.data.tokenizer import WordPieceTokenizer
 from uniter_jax.evaluators import refer as refer_eval
+from uniter_jax.tasks.vcr_inputs import NUM_CHOICES
 
 _PIPELINE = PipelineConfig()  # the pipeline's defaults are the processor's
 
@@ -207,6 +208,30 @@ class Processor:
     sides = [self.image_batch(side, size, li) for side in (lefts, rights)]
     images = {k: np.stack([sides[0][k], sides[1][k]], axis=1) for k in sides[0]}
     return {**self.text_batch(texts, size), **images}
+
+  def vcr_batch(self, questions: Sequence[str], answers: Sequence[Sequence[str]],
+                rationales: Sequence[Sequence[str]], images: Sequence[Regions]
+                ) -> dict[str, np.ndarray]:
+    """VCR rows as the pipeline delivers them: question i with image i (`batch`), and its 4
+    answers and 4 rationales as input_ids_as / input_ids_rs (B, F), each row the choices'
+    WordPiece ids one after another, with lens_as / lens_rs (B, 4); qa_target -1 (unknown).
+    The VCR task builds the (question, choice) sequences from them inside its step."""
+    batch = self.batch(questions, images)
+    size = batch["input_ids"].shape[0]
+    for key, sets in (("as", answers), ("rs", rationales)):
+      if len(sets) != len(questions) or any(len(four) != NUM_CHOICES for four in sets):
+        raise ValueError(f"vcr: every question needs {NUM_CHOICES} answers and {NUM_CHOICES} "
+                         "rationales")
+      words = [[self.tokenizer.encode(c) for c in four] for four in sets]
+      lens = np.zeros((size, NUM_CHOICES), np.int32)
+      lens[: len(words)] = [[len(w) for w in four] for four in words]
+      flat = np.zeros((size, max(1, int(lens.sum(1).max()))), np.int32)
+      for i, four in enumerate(words):
+        ids = [t for w in four for t in w]
+        flat[i, : len(ids)] = ids
+      batch[f"input_ids_{key}"], batch[f"lens_{key}"] = flat, lens
+    batch["qa_target"] = np.full((size,), -1, np.int32)
+    return batch
 
   def chunks(self, n: int) -> Iterator[slice]:
     """Slices of at most max_batch rows covering range(n)."""

@@ -14,15 +14,19 @@ inputs, what a helper picks equals what the task's `--mode=predict` writes
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import types
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from uniter_jax import loading, sharding, tasks
 from uniter_jax.evaluators import retrieval as ret_eval
 from uniter_jax.inference import resources
 from uniter_jax.inference.alignment import Alignment
@@ -30,7 +34,7 @@ from uniter_jax.inference.inputs import ImageLike, Processor, Regions, as_region
 from uniter_jax.losses.ot import ot_distance
 from uniter_jax.models import (UniterForImageTextRetrieval, UniterForNlvr2, UniterForPretraining,
                                UniterForReferringExpressionComprehension,
-                               UniterForVisualEntailment, UniterForVqa)
+                               UniterForVcr, UniterForVisualEntailment, UniterForVqa)
 from uniter_jax.tasks import retrieval_scores as scoring
 from uniter_jax.tasks import ve as ve_task
 
@@ -97,8 +101,16 @@ class Predictor:
   """
 
   def __init__(self, model: nnx.Module, processor: Processor, *,
-               answers: Sequence[str] | None = None, ot_options: Mapping[str, Any] | None = None):
-    self.model = model
+               answers: Sequence[str] | None = None, ot_options: Mapping[str, Any] | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
+               vcr_choice_len: int | None = None):
+    """mesh / rules: run on a device mesh, the parameters sharded by their logical names
+    (loading.place) and each batch's rows split over the rules' batch axes where they divide.
+    vcr_choice_len: the VCR run's config.vcr.max_choice_len (None: the longest choice given)."""
+    self.vcr_choice_len = vcr_choice_len
+    self.mesh = mesh
+    self.rules = sharding.FSDP_RULES if rules is None else rules
+    self.model = loading.place(model, mesh, self.rules)
     self.processor = processor
     self.answers = None if answers is None else tuple(answers)
     self.ot_options = dict(ot_options or {})
@@ -112,7 +124,8 @@ class Predictor:
   def from_path(cls, path: str | os.PathLike, *, vocab: Any = None, ans2label: Any = None,
                 ot_options: Mapping[str, Any] | None = None,
                 processor_settings: Mapping[str, Any] | None = None,
-                **load_kwargs: Any) -> "Predictor":
+                mesh: jax.sharding.Mesh | Mapping[str, int] | None = None,
+                rules: sharding.Rules | None = None, **load_kwargs: Any) -> "Predictor":
     """The model at `path` (uniter_jax.load) with its vocab, answers and the run's settings.
 
     vocab: a vocab.txt path or WordPieceTokenizer; default: vocab.txt in the model's folder
@@ -120,16 +133,18 @@ class Predictor:
     ans2label: a path, {answer: label} or the answer list (VQA); found the same way.
     ot_options: WRA solver options; default: the pretraining run's (config.pretrain.ot).
     processor_settings: Processor fields (txt_buckets, img_buckets, max_txt_len, ...) over
-    the run's. load_kwargs: for official checkpoints (config=, task=).
+    the run's. mesh / rules: shard the model over a mesh (uniter_jax.load's arguments).
+    load_kwargs: for official checkpoints (config=, task=).
     """
-    from uniter_jax.loading import load  # pylint: disable=import-outside-toplevel
     folder = resources.model_folder(path)
     cfg = resources.run_config(folder)
     settings = {**resources.processor_settings(cfg), **dict(processor_settings or {})}
     processor = Processor(resources.find_vocab(folder, cfg, vocab), **settings)
-    return cls(load(path, **load_kwargs), processor,
+    mesh = loading.as_mesh(mesh)
+    return cls(loading.load(path, mesh=mesh, rules=rules, **load_kwargs), processor,
                answers=resources.find_answers(folder, cfg, ans2label),
-               ot_options=resources.ot_settings(cfg) if ot_options is None else ot_options)
+               ot_options=resources.ot_settings(cfg) if ot_options is None else ot_options,
+               mesh=mesh, rules=rules, vcr_choice_len=resources.vcr_choice_len(cfg))
 
   # -- running the model ---------------------------------------------------------------------
   def _need(self, what: str, kind: type, *, not_kind: type | None = None) -> None:
@@ -146,11 +161,25 @@ class Predictor:
 
   def _rows(self, key: Any, fn: Callable, batches: Iterator[tuple[dict, int]]) -> list:
     """Per input row, fn's outputs as NumPy (padding rows dropped)."""
+    return self._collect(self._jitted(key, fn), batches)
+
+  def _collect(self, jitted: Callable, batches: Iterator[tuple[dict, int]]) -> list:
+    """Per input row, jitted(params, rest, batch)'s outputs as NumPy (padding rows dropped)."""
     out = []
     for batch, n in batches:
-      res = jax.device_get(self._jitted(key, fn)(self._params, self._rest, batch))
+      with self._on_mesh():
+        res = jax.device_get(jitted(self._params, self._rest, batch))
       out += [jax.tree.map(lambda x, r=r: np.asarray(x[r]), res) for r in range(n)]
     return out
+
+  @contextlib.contextmanager
+  def _on_mesh(self) -> Iterator[None]:
+    """The mesh and rules active while a helper traces and runs (nothing without a mesh)."""
+    if self.mesh is None:
+      yield
+      return
+    with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
+      yield
 
   def _pairs(self, texts: list[str], images: list[Regions]) -> Iterator[tuple[dict, int]]:
     for sl in self.processor.chunks(len(texts)):
@@ -283,6 +312,62 @@ class Predictor:
                   "probabilities": _softmax(scores)})
     return out[0] if one else out
 
+  def vcr(self, question: Texts, answers: Sequence, rationales: Sequence, image: Images
+          ) -> dict | list[dict]:
+    """VCR: which of 4 answers, and which of 4 rationales under each answer.
+
+    question: one string with `answers` and `rationales` 4 strings each, or lists of those
+    (one 4-list per question). Object references are written as the data writes them
+    (data_prep.vcr: [OBJ_j] tokens). Returns {"answer": index, "answer_probs": softmax over
+    the 4 (4,), "answer_logits" (4,), "rationale": index under the chosen answer,
+    "rationale_probs" (4,) under it, "rationale_logits" (4, 4): row a = the rationales under
+    answer a}; the logits are the columns --mode=predict writes (answer_i,
+    rationale_conditioned_on_a{i}_{j}), by the task's own scorer.
+    """
+    self._need("vcr", UniterForVcr)
+    one = isinstance(question, str)
+    questions, _ = _listed(question, one)
+    answer_sets, rationale_sets = ([answers], [rationales]) if one else (answers, rationales)
+    images, one_image = _listed(image, is_one_image(image))
+    questions, answer_sets, rationale_sets, images = _align(
+        questions, [list(a) for a in answer_sets], [list(r) for r in rationale_sets],
+        [as_regions(im) for im in images])
+    self._check_features(images)
+    encode = self.processor.tokenizer.encode
+    longest = max((len(encode(c)) for sets in (answer_sets, rationale_sets) for four in sets
+                   for c in four), default=0)
+    width = self.vcr_choice_len or longest
+    if longest > width:
+      raise ValueError(f"vcr: a choice has {longest} tokens, more than the run's "
+                       f"config.vcr.max_choice_len={width}; shorten it")
+    if ("vcr", width) not in self._fns:
+      # The task's own jitted scorer (what --mode=predict runs); of the run context it reads
+      # the config's vcr.max_choice_len, the graphdef and the cache.
+      ctx = types.SimpleNamespace(config=ml_collections.ConfigDict(
+          {"vcr": {"max_choice_len": width}}), graphdef=self._graphdef, cache={})
+      self._fns[("vcr", width)] = tasks.get("vcr")._score_fn(ctx, conditioned=True)  # pylint: disable=protected-access
+
+    def batches():
+      for sl in self.processor.chunks(len(questions)):
+        batch = self.processor.vcr_batch(questions[sl], answer_sets[sl], rationale_sets[sl],
+                                         images[sl])
+        longest_seq = batch["input_ids"].shape[1] + 2 * (width + 1)
+        if longest_seq > self.model.config.max_position_embeddings:
+          raise ValueError(f"vcr: sequences of {longest_seq} tokens (question, answer and "
+                           "rationale), more than the model's max_position_embeddings "
+                           f"{self.model.config.max_position_embeddings}; shorten the texts")
+        yield batch, sl.stop - sl.start
+
+    out = []
+    for row in self._collect(self._fns[("vcr", width)], batches()):
+      answer = int(np.argmax(row["qa"]))
+      out.append({"answer": answer, "answer_probs": _softmax(row["qa"]),
+                  "answer_logits": row["qa"],
+                  "rationale": int(np.argmax(row["qar_all"][answer])),
+                  "rationale_probs": _softmax(row["qar_all"][answer]),
+                  "rationale_logits": row["qar_all"]})
+    return out[0] if one and one_image else out
+
   def retrieval_scores(self, texts: Sequence[str], images: Sequence[ImageLike]) -> np.ndarray:
     """The (texts, images) rank-score matrix of a retrieval model, in jitted blocks of at
     most max_batch pairs (the task's block scorer)."""
@@ -294,10 +379,12 @@ class Predictor:
     block_img = p.batch_size(min(len(images), p.max_batch))
     block_txt = min(max(1, p.max_batch // block_img), p.batch_size(min(len(texts), p.max_batch)))
     if "itr" not in self._fns:
-      self._fns["itr"] = scoring.make_block_scorer(self._graphdef, ())
-    return scoring.score_all_pairs(self._fns["itr"], self._params, self._rest,
-                                   p.text_batch(list(texts)), p.image_batch(images),
-                                   block_txt=block_txt, block_img=block_img)
+      self._fns["itr"] = scoring.make_block_scorer(self._graphdef,
+                                                   self.rules if self.mesh else ())
+    with self._on_mesh():
+      return scoring.score_all_pairs(self._fns["itr"], self._params, self._rest,
+                                     p.text_batch(list(texts)), p.image_batch(images),
+                                     block_txt=block_txt, block_img=block_img)
 
   def retrieve(self, query: Texts, gallery: Sequence[ImageLike], k: int = 10) -> list:
     """The k best images of `gallery` for the query, [(gallery index, score)], best first

@@ -111,3 +111,10 @@ def ot_settings(cfg: ml_collections.ConfigDict | None) -> dict[str, Any]:
   if cfg is None or "pretrain" not in cfg:
     return {}
   return dict(pretrain_task.ot_options(cfg.pretrain.ot))
+
+
+def vcr_choice_len(cfg: ml_collections.ConfigDict | None) -> int | None:
+  """A VCR run's config.vcr.max_choice_len (the width of each choice's slots); else None."""
+  if cfg is None or "vcr" not in cfg:
+    return None
+  return int(cfg.vcr.max_choice_len)

@@ -115,6 +115,9 @@ register_task(TaskSpec("re", "UniterForReferringExpressionComprehension", _re_kw
                        unused=_PRETRAIN_HEADS))
 register_task(TaskSpec("vcr", "UniterForVcr", lambda shapes, extra_words=0: {
     "extra_words": int(extra_words)}, unused=_PRETRAIN_HEADS))  # 81 from uniter-base.pt
+# VCR 2nd-stage pretraining (uniter-base-vcr_2nd_stage.pt; from uniter-base.pt with extra_words=81).
+register_task(TaskSpec("pretrain_vcr", "UniterForPretrainingVcr", lambda shapes, extra_words=0: {
+    "extra_words": int(extra_words)}, tied=dict(TIED)))
 # Retrieval keeps itm_output (its rank_output starts from it: registry.copy_units).
 register_task(TaskSpec("itr", "UniterForImageTextRetrieval",
                        unused=("cls.", "feat_regress.", "region_classifier.")))
@@ -123,7 +126,8 @@ register_task(TaskSpec("itr", "UniterForImageTextRetrieval",
 def task_of(names: Iterable[str], shapes: Mapping[str, tuple] | None = None) -> str:
   """The registered official task whose head the checkpoint tensor names hold.
 
-  A 3-answer `vqa_output` is SNLI-VE when `shapes` are given (the same head as VQA).
+  A 3-answer `vqa_output` is SNLI-VE and pretraining heads over a 4-row type table are VCR's
+  2nd stage when `shapes` are given.
   """
   names = list(names)
   if any(n.startswith("nlvr2_output.") for n in names):
@@ -138,6 +142,9 @@ def task_of(names: Iterable[str], shapes: Mapping[str, tuple] | None = None) -> 
     if shapes is not None and shapes.get("vqa_output.3.weight", (0,))[0] == 3:
       return "ve"
     return "vqa"
+  if shapes is not None and shapes.get(
+      "uniter.embeddings.token_type_embeddings.weight", (0,))[0] == 4:
+    return "pretrain_vcr"  # uniter-*-vcr_2nd_stage.pt: pretraining heads, VCR's 4 types
   return "pretrain"
 
 
@@ -335,11 +342,14 @@ def load_into(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   missing parameter not allowed by `allow_missing` (True, or official-name prefixes) and
   every shape mismatch (checkpoint vs model, both in the official torch layout).
   """
-  tensors = _grow_tables(model, _normalize_names(tensors))
+  tensors, fresh = _drop_fresh_heads(model, _normalize_names(tensors))
+  tensors = _grow_tables(model, tensors)
   tensors = registry.copy_units(model, tensors, torch_names=True)  # retrieval's rank_output
   tied = _tied_for(model) if tied is None else {
       a: c for a, c in tied.items() if hasattr(model, a.split(".")[0])}
   allow_missing = _as_prefixes(allow_missing)
+  if fresh and allow_missing is not True:
+    allow_missing = tuple(allow_missing or ()) + fresh
   ignore = tuple(IGNORED_PREFIXES) + tuple(unused) + tuple(allow_unexpected)
   expected = official_names(model)
   flat = _flat_params(model)
@@ -438,6 +448,23 @@ def load_into(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   return report
 
 
+def _drop_fresh_heads(model: nnx.Module, tensors: dict[str, np.ndarray]
+                      ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+  """Without the heads the model re-initialises because a table grows (registry.fresh_heads),
+  e.g. `cls` of VCR's 2nd stage from uniter-base.pt; returns those heads' name prefixes."""
+  def rows_of(path):
+    arr = tensors.get(path_to_official(path))
+    return None if arr is None else int(np.shape(arr)[0])
+
+  heads = registry.fresh_heads(model, rows_of)
+  if not heads:
+    return tensors, ()
+  prefixes = tuple(f"{h}." for h in heads)
+  log.info("%s: not loaded (the word table grows; the official code builds a new head)",
+           ", ".join(heads))
+  return {n: a for n, a in tensors.items() if not n.startswith(prefixes)}, prefixes
+
+
 def _grow_tables(model: nnx.Module, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Pretrained tables the model has more rows of, grown as it declares (registry.grow_table)."""
   out = dict(tensors)
@@ -504,6 +531,9 @@ def load_official_checkpoint(
   # Build abstractly (no random init, which costs seconds for a base model) and only
   # initialise for real when some parameter will keep its init.
   model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+  tensors, fresh = _drop_fresh_heads(model, tensors)
+  if fresh and allow_missing is not True:  # the re-initialised heads keep their init
+    allow_missing = tuple(_as_prefixes(allow_missing) or ()) + fresh
   tensors = registry.copy_units(model, tensors, torch_names=True)
   aliases = {c for a, c in spec.tied.items() if a in tensors}
   missing = [n for n in official_names(model) if n not in tensors and n not in aliases]

@@ -22,11 +22,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from ott.geometry import epsilon_scheduler
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import sinkhorn
 
+# ott-jax is imported when the "sinkhorn" solver is first traced, so the model, the losses and
+# the "ipot" solver work on a machine without it (e.g. a GPU host for benchmarks/train_step.py).
 # Official F.normalize(eps=1e-5) divides by max(|x|, 1e-5); comparing squared norms with
 # 1e-10 selects the same branch and avoids sqrt, whose gradient is infinite at 0.
 _NORM_SQ_FLOOR = 1e-10
@@ -35,6 +33,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 Solver = Literal["sinkhorn", "ipot"]
 _SOLVERS = ("sinkhorn", "ipot")
 _DEFAULT_ITERS = {"sinkhorn": 100, "ipot": 50}
+
+
+def _ott(*names: str) -> tuple:
+  """ott-jax modules by short name; a clear error where ott-jax is not installed."""
+  try:
+    from ott.geometry import epsilon_scheduler, geometry  # pylint: disable=import-outside-toplevel
+    from ott.problems.linear import linear_problem  # pylint: disable=import-outside-toplevel
+    from ott.solvers.linear import sinkhorn  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError('the "sinkhorn" WRA solver needs ott-jax (pip install ott-jax, see '
+                      'requirements.txt); solver="ipot" (the official algorithm) needs '
+                      f"nothing more: --config.pretrain.ot.solver=ipot ({e})") from e
+  found = {"epsilon_scheduler": epsilon_scheduler, "geometry": geometry,
+           "linear_problem": linear_problem, "sinkhorn": sinkhorn}
+  return tuple(found[n] for n in names)
 
 
 def _safe_normalize(x: jax.Array) -> jax.Array:
@@ -126,6 +139,7 @@ def _sinkhorn_plan(
     num_iters: int,
 ) -> jax.Array:
   """ott-jax log-domain Sinkhorn plan (B, M, N), vmapped over the batch."""
+  geometry, linear_problem, sinkhorn = _ott("geometry", "linear_problem", "sinkhorn")
   _, num_txt, num_img = cost.shape
   # Zero weight on padding is ott's only way to mask. Empty examples get a dummy uniform
   # problem instead: an all-zero marginal is a degenerate problem (docs/ot.md pitfalls 7, 8).
@@ -161,6 +175,7 @@ def _epsilon_schedule(
   if eps_anneal is None:
     return epsilon
   init, decay = eps_anneal
+  (epsilon_scheduler,) = _ott("epsilon_scheduler")
   if not 0.0 < decay <= 1.0:
     raise ValueError(f"eps_anneal decay must be in (0, 1], got {decay}")
   # ott uses target * max(init * decay**t, 1) at iteration t = 0..n-1. If the multiplier has

@@ -3,6 +3,7 @@
 from uniter_jax.models import registry
 from uniter_jax.models.config import UniterConfig
 from uniter_jax.models.pretraining import UniterForPretraining
+from uniter_jax.models.pretraining_vcr import UniterForPretrainingVcr
 from uniter_jax.models.uniter import UniterModel, UniterOutput
 from uniter_jax.models.nlvr2 import UniterForNlvr2
 from uniter_jax.models.refer import UniterForReferringExpressionComprehension
@@ -19,8 +20,10 @@ registry.register("UniterForNlvr2", UniterForNlvr2,
 registry.register("UniterForReferringExpressionComprehension",
                   UniterForReferringExpressionComprehension, lambda m: {"mlp": m.mlp})
 registry.register("UniterForVcr", UniterForVcr)
+registry.register("UniterForPretrainingVcr", UniterForPretrainingVcr)
 registry.register("UniterForImageTextRetrieval", UniterForImageTextRetrieval)
 
 __all__ = ["UniterConfig", "UniterForImageTextRetrieval", "UniterForNlvr2", "UniterForPretraining",
+           "UniterForPretrainingVcr",
            "UniterForReferringExpressionComprehension", "UniterForVcr", "UniterForVisualEntailment", "UniterForVqa", "UniterModel", "UniterOutput",
            "registry"]

@@ -128,3 +128,24 @@ def copy_units(model: nnx.Module, flat: Mapping[Any, Any], *, torch_names: bool 
       if t not in out and s in out:
         out[t] = np.take(np.asarray(out[s]), [unit], axis=axis)
   return out
+
+
+def fresh_heads(model: nnx.Module, rows_of: Callable[[tuple[str, ...]], int | None]
+                ) -> tuple[str, ...]:
+  """Top-level heads a loader must leave at their init because a table grew.
+
+  A model class lists them in FRESH_WHEN_GROWN {"a/b/embedding": ("head", ...)}, e.g. VCR's
+  2nd-stage pretraining: the official init_word_embedding replaces the MLM head `cls` when the
+  word table grows. `rows_of(path)` gives the source's row count of a table (None: absent);
+  a head is fresh when its table there has fewer rows than the model's.
+  """
+  out: list[str] = []
+  for table, heads in getattr(type(model), "FRESH_WHEN_GROWN", {}).items():
+    path = tuple(table.split("/"))
+    node: Any = model
+    for p in path:
+      node = getattr(node, p)
+    rows = rows_of(path)
+    if rows is not None and rows < int(node.shape[0]):
+      out += [h for h in heads if h not in out]
+  return tuple(out)

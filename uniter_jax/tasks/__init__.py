@@ -14,7 +14,7 @@ def register(task: Task) -> Task:
 
 def get(name: str) -> Task:
   """The task registered under `name` (importing the built-in ones registers them)."""
-  from uniter_jax.tasks import nlvr2, pretrain, refer, retrieval, vcr, ve, vqa  # noqa: F401  pylint: disable=import-outside-toplevel
+  from uniter_jax.tasks import nlvr2, pretrain, pretrain_vcr, refer, retrieval, vcr, ve, vqa  # noqa: F401  pylint: disable=import-outside-toplevel
   if name not in _REGISTRY:
     raise ValueError(f"unknown task {name!r}; registered: {sorted(_REGISTRY)}")
   return _REGISTRY[name]

@@ -121,6 +121,13 @@ class Task:
     """The uniter_jax.train_step.Objective one update optimises."""
     raise NotImplementedError
 
+  def pool_rows(self, config) -> int:
+    """Rows of a second, independently shuffled stream over the training split that the
+    trainer adds to every step batch as "pool_<field>" keys (e.g. retrieval negatives drawn
+    from the whole training set, not only the batch); 0: none."""
+    del config
+    return 0
+
   def step_fields(self, batch: Mapping[str, Any]) -> dict:
     """The pipeline batch restricted to what the jitted step reads."""
     return {k: v for k, v in batch.items()

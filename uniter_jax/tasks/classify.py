@@ -12,17 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uniter_jax import sharding
 from uniter_jax import train_step as step_lib
 from uniter_jax.data import format as fmt
 from uniter_jax.tasks import base
-
-
-def host(x) -> np.ndarray:
-  """A global array on every host (the eval outputs are small)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def _argmax_fn(ctx: base.RunContext) -> Callable:
@@ -50,8 +43,9 @@ def run_split(ctx: base.RunContext, state, pipe, fn: Callable, *, what: str = "t
   with jax.set_mesh(ctx.mesh):
     for batch in pipe:
       inputs = {**step_lib.model_fields(batch), **{k: batch[k] for k in extra_fields}}
-      out = {k: host(v) for k, v in fn(state["params"], state["rest"], inputs).items()}
-      for r, i in enumerate(host(batch["example_index"]).tolist()):
+      out = {k: sharding.to_host(v)
+             for k, v in fn(state["params"], state["rest"], inputs).items()}
+      for r, i in enumerate(sharding.to_host(batch["example_index"]).tolist()):
         if i < 0:  # a padding row of the last batch
           continue
         if i in rows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,15 @@ from uniter_jax import sharding
 from uniter_jax import train_step as step_lib
 from uniter_jax.evaluators import itm as itm_eval
 from uniter_jax.losses import OBJECTIVES, ot_distance, pretrain_loss
+from uniter_jax.losses.pretrain import DEFAULT_MASKED_BUDGET_MARGIN
 from uniter_jax.masking import (MaskingConfig, apply_objective, mask_focus_words,
                                 with_other_images)
 from uniter_jax.tasks import base, register
 
 # Scalars every pretraining branch reports (0 where an objective does not define one), so
-# that all lax.switch branches return the same structure.
-AUX = ("accuracy", "ot_pos", "ot_neg", "ot_loss", "itm_loss")
+# that all lax.switch branches return the same structure. full_heads: 1.0 when the MLM / MRM
+# head ran at every position instead of the masked ones (losses.pretrain.heads_on_targets).
+AUX = ("accuracy", "ot_pos", "ot_neg", "ot_loss", "itm_loss", "full_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,16 @@ class PretrainSettings:
   warmup_mix: tuple[tuple[str, float], ...] = ()
   warmup_steps: int = 0
   ramp_steps: int = 0
+  # MLM / MRM heads on the masked positions only, in a static budget with this margin over
+  # the masking rate (uniter_jax.losses.pretrain.heads_on_targets); None = every position.
+  masked_budget_margin: float | None = DEFAULT_MASKED_BUDGET_MARGIN
+
+  def mask_rate(self, objective: str) -> float:
+    """The highest probability with which `objective` masks a position (sizes the budget)."""
+    m = self.masking
+    if objective == "mlm":
+      return max(m.mlm_prob, m.focus_prob if m.focus_ids else 0.0)
+    return m.mrm_prob if objective in ("mrfr", "mrc", "mrckl") else 0.0
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -68,18 +80,43 @@ class PretrainSettings:
 def masking_config(p, vocab_path: str) -> MaskingConfig:
   """MaskingConfig from config.pretrain; special ids are read from the vocab by name.
 
-  Random MLM replacement ids start after the last bracketed ([..]) token.
+  Random MLM replacement ids: the longest run of ids that are not bracketed ([..]) tokens.
   """
   from uniter_jax.data.tokenizer import WordPieceTokenizer  # pylint: disable=import-outside-toplevel
   tok = WordPieceTokenizer(vocab_path)
-  bracketed = [i for t, i in tok.vocab.items() if re.fullmatch(r"\[.*\]", t)]
-  start = max(bracketed) + 1 if bracketed else 0
   specials = sorted({tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})
   return MaskingConfig(mask_id=tok.mask_id, special_ids=tuple(specials),
-                       random_range=(start, len(tok.vocab)), mlm_prob=p.mlm_prob,
+                       random_range=word_range(tok.vocab), mlm_prob=p.mlm_prob,
                        mrm_prob=p.mrm_prob, itm_neg_prob=p.itm_neg_prob,
+                       itm_paired=itm_paired(p),
                        focus_ids=focus_ids(p.mlm_focus_words, tok.vocab, vocab_path),
                        focus_prob=p.mlm_focus_prob)
+
+
+def itm_paired(p) -> bool:
+  """config.pretrain.itm_negatives: 'sampled' (UNITER) or 'paired' (masking.paired_itm_negatives)."""
+  kind = str(p.get("itm_negatives", "sampled"))
+  if kind not in ("sampled", "paired"):
+    raise ValueError(f"config.pretrain.itm_negatives={kind!r}: use 'sampled' (UNITER: each "
+                     "caption gets another image with itm_neg_prob) or 'paired' (each caption "
+                     "with its own and with another image)")
+  return kind == "paired"
+
+
+def word_range(vocab: dict[str, int]) -> tuple[int, int]:
+  """[start, end): the longest run of ids that are not bracketed ([..]) tokens.
+
+  BERT's [PAD] .. [unused] .. [MASK] come first, so this is the official v_range [id('!'),
+  vocab); VCR's [OBJ_j] tokens after the words stay out of it (a random replacement is a word).
+  """
+  bracketed = {i for t, i in vocab.items() if re.fullmatch(r"\[.*\]", t)}
+  best, start = (0, 0), 0
+  for i in range(len(vocab) + 1):
+    if i == len(vocab) or i in bracketed:
+      if i - start > best[1] - best[0]:
+        best = (start, i)
+      start = i + 1
+  return best
 
 
 def focus_ids(words: str, vocab: dict[str, int], vocab_path: str) -> tuple[int, ...]:
@@ -120,37 +157,58 @@ def settings(config, vocab_path: str) -> PretrainSettings:
                           ot_lambda=float(p.ot_lambda), ot_options=ot_options(p.ot),
                           warmup_mix=mixes["warmup_mix"],
                           warmup_steps=int(p.get("warmup_steps", 0)),
-                          ramp_steps=int(p.get("ramp_steps", 0)))
+                          ramp_steps=int(p.get("ramp_steps", 0)),
+                          masked_budget_margin=masked_budget_margin(p))
 
 
-def branch_loss(model, batch, key, deterministic, *, objective: str, s: PretrainSettings):
+def masked_budget_margin(p) -> float | None:
+  """config.pretrain.masked_budget_margin (absent: the default); < 0 or None = heads everywhere."""
+  margin = p.get("masked_budget_margin", DEFAULT_MASKED_BUDGET_MARGIN)
+  return None if margin is None or float(margin) < 0 else float(margin)
+
+
+# batch -> batch: the model inputs a task's rows become before masking (None: as they are),
+# e.g. VCR's question / answer / rationale sequence (uniter_jax.tasks.pretrain_vcr).
+Prepare = Callable[[dict], dict] | None
+
+
+def branch_loss(model, batch, key, deterministic, *, objective: str, s: PretrainSettings,
+                prepare: Prepare = None):
   """One pretraining objective: its masking / negatives, then its loss."""
+  if prepare is not None:
+    batch = prepare(batch)
   k_mask, k_drop = jax.random.split(key)
   b = apply_objective(k_mask, batch, objective, s.masking)
   res = pretrain_loss(model, b, objective, deterministic=deterministic, rngs=k_drop,
-                      ot_lambda=s.ot_lambda, **dict(s.ot_options))
+                      ot_lambda=s.ot_lambda, mask_rate=s.mask_rate(objective),
+                      masked_budget_margin=s.masked_budget_margin, **dict(s.ot_options))
   return res["loss"], {name: jnp.asarray(res.get(name, 0.0), jnp.float32) for name in AUX}
 
 
-def objective(s: PretrainSettings) -> step_lib.Objective:
+def objective(s: PretrainSettings, prepare: Prepare = None) -> step_lib.Objective:
   """The pretraining mix as an Objective: one branch per pretraining objective."""
   names = s.names
   final = dict(s.mix)
   return step_lib.Objective(
       names=names, ratios=tuple(final.get(n, 0.0) for n in names), aux_names=AUX,
-      losses=tuple(functools.partial(branch_loss, objective=n, s=s) for n in names),
+      losses=tuple(functools.partial(branch_loss, objective=n, s=s, prepare=prepare)
+                   for n in names),
       logged={"itm": (("ot_pos", "ot_pos"), ("ot_neg", "ot_neg"),
-                      ("itm_accuracy_in_batch", "accuracy"))},
+                      ("itm_accuracy_in_batch", "accuracy")),
+              # The share of updates whose masked positions overflowed the heads' budget.
+              **{n: ((f"{n}_full_heads", "full_heads"),) for n in ("mlm", "mrfr", "mrc", "mrckl")
+                 if s.masked_budget_margin is not None}},
       ratio_fn=s.ratios_at if s.warmup_mix else None)
 
 
-def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules):
+def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules,
+                   prepare: Prepare = None):
   """(params, rest, batch, key) -> held-out metrics, every objective on the same batch.
 
   With focus words, also the grounding probe: every focus word hidden, read once with the
   caption's own image and once with another image's regions.
   """
-  loss_fn = step_lib.make_loss_fn(graphdef, objective(s), deterministic=True)
+  loss_fn = step_lib.make_loss_fn(graphdef, objective(s, prepare), deterministic=True)
 
   def evaluate(params, rest, batch, key):
     with sharding.use_rules(rules):
@@ -167,9 +225,10 @@ def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules):
           out[f"{tag}/ot_pos"], out[f"{tag}/ot_neg"] = aux["ot_pos"], aux["ot_neg"]
       if s.masking.focus_ids and "mlm" in s.names:
         model = nnx.merge(graphdef, params, rest)
-        probe = mask_focus_words(batch, s.masking)
+        probe = mask_focus_words(batch if prepare is None else prepare(batch), s.masking)
         for tag, b in (("own_image", probe), ("other_image", with_other_images(probe))):
-          res = pretrain_loss(model, b, "mlm", deterministic=True)
+          res = pretrain_loss(model, b, "mlm", deterministic=True, mask_rate=1.0,
+                              masked_budget_margin=s.masked_budget_margin)
           out[f"mlm_focus/accuracy_{tag}"] = res["accuracy"]
       return out
 
@@ -208,8 +267,11 @@ def balanced_itm_evaluator(ctx: base.RunContext, s: PretrainSettings):
 
   def pairs() -> dict:
     if "pairs" not in cache:
+      # One reader of the whole split on every process: the same pairs for any process count
+      # and plan_hosts, scored as replicated NumPy inputs.
       pipe = ctx.pipeline(ctx.data.val_text_dirs, ctx.data.val_image_dirs, mesh=None,
-                          train=False, drop_remainder=False, num_epochs=1)
+                          train=False, drop_remainder=False, num_epochs=1,
+                          process_index=0, process_count=1, plan_hosts=1)
       want, got, batches = settings_.pairs // 2, 0, []
       for b in pipe:
         batches.append(b)
@@ -234,8 +296,8 @@ def balanced_itm_evaluator(ctx: base.RunContext, s: PretrainSettings):
         idx = np.arange(start, start + bs) % n  # the last batch wraps; extra rows are dropped
         batch = {k: v[idx] for k, v in data.items()}
         p, d = score(state["params"], state["rest"], batch)
-        p_all.append(np.asarray(p)[: n - start])
-        d_all.append(np.asarray(d)[: n - start])
+        p_all.append(sharding.to_host(p)[: n - start])
+        d_all.append(sharding.to_host(d)[: n - start])
     out = itm_eval.summarize(np.concatenate(p_all), labels, np.concatenate(d_all))
     history.append(out["itm/auc"])
     if itm_eval.chance_alarm(history, settings_.alarm_evals):
@@ -257,14 +319,19 @@ class PretrainTask(base.Task):
   def needs_soft_labels(self, config) -> bool:
     return any(t in ("mrc", "mrckl") for t in config.pretrain.mix.keys())
 
+  def prepare(self, config) -> Prepare:
+    """The rows -> model inputs step of a pretraining variant (None: captions as they are)."""
+    del config
+    return None
+
   def objective(self, config, data):
-    return objective(settings(config, data.vocab))
+    return objective(settings(config, data.vocab), self.prepare(config))
 
   def evaluators(self, ctx: base.RunContext):
     """"heldout": every objective's loss (and accuracy) on the first `batches` val batches;
     "itm": the balanced image-text matching set (when the mix has ITM)."""
     s = settings(ctx.config, ctx.data.vocab)
-    eval_fn = jax.jit(make_eval_step(ctx.graphdef, s, ctx.rules))
+    eval_fn = jax.jit(make_eval_step(ctx.graphdef, s, ctx.rules, self.prepare(ctx.config)))
     soft = True if self.needs_soft_labels(ctx.config) else None
     num_batches = ctx.config.evals.heldout.batches
 
@@ -277,7 +344,7 @@ class PretrainTask(base.Task):
       n = 0
       with jax.set_mesh(ctx.mesh):
         for i, batch in zip(range(num_batches), pipe):
-          out = eval_fn(state["params"], state["rest"], step_lib.model_fields(batch),
+          out = eval_fn(state["params"], state["rest"], self.step_fields(batch),
                         jax.random.PRNGKey(1000 + i))
           for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)

@@ -2,12 +2,14 @@
 UniterForImageTextRetrieval, the sigmoid hinge over [positive, negative image, negative
 caption] groups (train_itm.py), and evaluation of every caption against every image (IR / TR recall@1/5/10, r_mean).
 
-Negatives are drawn inside the jitted step from the whole global batch (a shuffled sample of
-the training set), never a true match: a candidate with the anchor's image id (another
-caption of the same image included) is excluded. A row whose batch holds no valid candidate
-gets weight 0. With config.itr.hard_negatives = k > 0, each text and each image anchor mines
-its k hardest among config.itr.hard_pool random candidates of the batch (eval mode, no
-gradient) before the training forward.
+Negatives are drawn inside the jitted step, never a true match: a candidate with the
+anchor's image id (another caption of the same image included) is excluded. Candidates are
+the rows of the global batch and, with config.itr.pool = P > 0, P more rows of a second,
+independently shuffled stream over the whole training split (the trainer feeds it as
+"pool_<field>" keys, Task.pool_rows), so negatives do not depend on which pairs share a
+batch. A row with no valid candidate gets weight 0. With config.itr.hard_negatives = k > 0,
+each text and each image anchor mines its k hardest among config.itr.hard_pool random
+candidates (eval mode, no gradient) before the training forward.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from uniter_jax.evaluators import itm as itm_eval
 from uniter_jax.evaluators import retrieval as ret_eval
 from uniter_jax.models.retrieval import hardest, rank_loss
 from uniter_jax.tasks import base, classify, register
+from uniter_jax.tasks import retrieval_rerank as rerank
 from uniter_jax.tasks import retrieval_scores as scoring
 
 TEXT_SIDE = ("input_ids", "txt_mask", "txt_type_ids")
@@ -32,33 +35,62 @@ IMAGE_SIDE = ("img_feat", "img_pos", "img_mask", "img_type_ids", "img_ids")
 HOW = "convert Karpathy-split captions with data_prep.retrieval: one image per caption"
 
 
-def draw_negatives(key: jax.Array, img_ids: jax.Array, valid: jax.Array
+def draw_negatives(key: jax.Array, img_ids: jax.Array, valid: jax.Array, n_pos: int = 0
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per row: (another row's image, another row's caption, ok), never a true match.
+  """For each of the first n_pos rows (0: all): (another row's image, another row's caption,
+  ok), drawn from all N rows, never a true match.
 
-  Uniform over the rows with a different image id (Gumbel-max over a masked (B, B) score,
-  static shapes). `ok` is False where no such row exists (then the picks are meaningless).
+  Uniform over the rows with a different image id (Gumbel-max over a masked (n_pos, N)
+  score, static shapes). `ok` is False where no such row exists (the picks are meaningless).
   """
-  b = img_ids.shape[0]
-  allowed = (img_ids[:, None] != img_ids[None, :]) & valid[None, :] & valid[:, None]
+  n = img_ids.shape[0]
+  a = n_pos or n
+  allowed = (img_ids[:a, None] != img_ids[None, :]) & valid[None, :] & valid[:a, None]
   k_img, k_txt = jax.random.split(key)
 
   def pick(k):
-    g = jax.random.gumbel(k, (b, b))
+    g = jax.random.gumbel(k, (a, n))
     return jnp.argmax(jnp.where(allowed, g, -jnp.inf), axis=1)
 
   return pick(k_img), pick(k_txt), allowed.any(axis=1)
 
 
-def random_negative_batch(key: jax.Array, batch: Mapping[str, jax.Array]
+def random_negative_batch(key: jax.Array, batch: Mapping[str, jax.Array], n_pos: int = 0
                           ) -> tuple[dict, jax.Array]:
-  """B positives -> 3B rows [(t, i), (t, i_neg), (t_neg, i)] per positive, and (B,) weights."""
+  """The first n_pos rows (0: all B) as positives -> 3 rows [(t, i), (t, i_neg), (t_neg, i)]
+  each, negatives from all B rows, and (n_pos,) weights."""
   valid = batch["txt_mask"].any(axis=1)
-  neg_img, neg_txt, ok = draw_negatives(key, batch["img_ids"], valid)
-  idx = jnp.arange(valid.shape[0])
+  a = n_pos or valid.shape[0]
+  neg_img, neg_txt, ok = draw_negatives(key, batch["img_ids"], valid, a)
+  idx = jnp.arange(a)
   txt_src = jnp.stack([idx, idx, neg_txt], axis=1).reshape(-1)
   img_src = jnp.stack([idx, neg_img, idx], axis=1).reshape(-1)
-  return _gather(batch, txt_src, img_src), (valid & ok).astype(jnp.float32)
+  return _gather(batch, txt_src, img_src), (valid[:a] & ok).astype(jnp.float32)
+
+
+POOL = "pool_"  # prefix of the negative pool's fields in a step batch (Task.pool_rows)
+
+
+def with_pool(batch: Mapping[str, jax.Array]) -> tuple[dict, int]:
+  """(the batch's rows followed by the pool's, number of batch rows).
+
+  Text and region blocks are padded to the wider of the two (static shapes), so any text can
+  meet any image. Without pool fields: (the batch, its rows).
+  """
+  n = batch["img_ids"].shape[0]
+  pool = {k[len(POOL):]: v for k, v in batch.items() if k.startswith(POOL)}
+  own = {k: v for k, v in batch.items() if not k.startswith(POOL)}
+  if not pool:
+    return own, n
+  out = {}
+  for k in own.keys() & pool.keys():
+    a, b = own[k], pool[k]
+    if a.ndim > 1 and a.shape[1] != b.shape[1]:  # a text or region block of another width
+      width = max(a.shape[1], b.shape[1])
+      a, b = (jnp.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+              for x in (a, b))
+    out[k] = jnp.concatenate([a, b], axis=0)
+  return out, n
 
 
 def _gather(batch: Mapping[str, jax.Array], txt_src: jax.Array, img_src: jax.Array) -> dict:
@@ -158,18 +190,23 @@ class RetrievalTask(base.Task):
   def check_pipeline(self, config, data, pipe, split: str) -> None:
     check_one_image(pipe, split)
 
+  def pool_rows(self, config) -> int:
+    """config.itr.pool: rows of the negative pool stream (0: negatives from the batch)."""
+    return int(config.itr.get("pool", 0))
+
   def objective(self, config, data):
     margin = float(config.itr.margin)
     hard = int(config.itr.hard_negatives)
 
     def hard_branch(model, batch, key, deterministic):
       """Mean text-anchor loss + mean image-anchor loss (train_itm_hard_negatives.py)."""
+      batch, n = with_pool(batch)
       k_sel, k_t, k_i = jax.random.split(key, 3)
       score = lambda rows: model(rows, deterministic=True)  # noqa: E731  mining: eval mode
       total, right, n = 0.0, 0.0, 0.0
       for (rows, w, _), k_drop in zip(
           hard_negative_groups(score, k_sel, batch, int(config.itr.hard_pool), hard,
-                               int(config.itr.hard_anchors)),
+                               int(config.itr.hard_anchors) or n),
           (k_t, k_i)):
         scores = model(rows, deterministic=deterministic, rngs=k_drop)
         total = total + rank_loss(scores, hard + 1, margin, w)
@@ -180,7 +217,8 @@ class RetrievalTask(base.Task):
 
     def branch(model, batch, key, deterministic):
       k_neg, k_drop = jax.random.split(key)
-      rows, weights = random_negative_batch(k_neg, batch)
+      batch, n = with_pool(batch)
+      rows, weights = random_negative_batch(k_neg, batch, n)
       scores = model(rows, deterministic=deterministic, rngs=k_drop)
       s = scores.reshape(-1, 3)
       right = jnp.sum((s[:, 0:1] > s[:, 1:]) * weights[:, None]) / jnp.maximum(
@@ -205,11 +243,31 @@ class RetrievalTask(base.Task):
     return ctx.cache[key]
 
   @staticmethod
-  def _score_matrix(ctx: base.RunContext, fn, state, data: dict, name: str):
+  def _two_stage_fns(ctx: base.RunContext):
+    """(pair scorer, text encoder, image encoder) for config.evals.itr.rerank > 0."""
     s = ctx.config.evals.itr
+    key = ("itr_two_stage", s.dtype, s.prerank_pool)
+    if key not in ctx.cache:
+      graphdef = scoring.graphdef_in(ctx.graphdef, ctx.model_cfg, s.dtype)
+      ctx.cache[key] = (rerank.make_pair_scorer(graphdef, ctx.rules),
+                        rerank.make_side_encoder(graphdef, ctx.rules, "text", s.prerank_pool),
+                        rerank.make_side_encoder(graphdef, ctx.rules, "image", s.prerank_pool))
+    return ctx.cache[key]
+
+  @staticmethod
+  def _score_matrix(ctx: base.RunContext, fn, state, data: dict, name: str):
+    """(ranking matrix or None when max_blocks left blocks, extra metrics)."""
+    s = ctx.config.evals.itr
+    if s.rerank > 0:  # two-stage: pre-rank all pairs, re-rank the top `rerank` per query
+      fns = RetrievalTask._two_stage_fns(ctx)
+      with jax.set_mesh(ctx.mesh):
+        return rerank.two_stage_scores(*fns, state["params"], state["rest"], data["texts"],
+                                       data["images"], m=s.rerank,
+                                       chunk=s.block_txt * s.block_img, say=ctx.say)
     meta = {"step": int(state["step"]), "n_txt": len(data["gt"]),
             "n_img": len(data["img_ids"]), "block": [s.block_txt, s.block_img],
-            "dtype": s.dtype, "txt": data["txt_ids"][:3], "img": data["img_ids"][:3]}
+            "dtype": s.dtype, "trim_text": s.trim_text, "txt": data["txt_ids"][:3],
+            "img": data["img_ids"][:3]}
     # One file per split: a later step's evaluation (its meta differs) starts afresh over it,
     # so a long run keeps one matrix per split, not one per evaluation (COCO 5k: ~500 MB).
     store = scoring.ScoreStore(os.path.join(ctx.workdir, "scores", f"{name}.npz"), meta)
@@ -217,7 +275,7 @@ class RetrievalTask(base.Task):
       return scoring.score_all_pairs(
           fn, state["params"], state["rest"], data["texts"], data["images"],
           block_txt=s.block_txt, block_img=s.block_img, store=store, say=ctx.say,
-          save_every_s=s.save_every_s, max_blocks=s.max_blocks)
+          save_every_s=s.save_every_s, max_blocks=s.max_blocks, trim_text=s.trim_text), {}
 
   @staticmethod
   def _metrics(scores: np.ndarray | None, data: dict) -> dict:
@@ -231,8 +289,9 @@ class RetrievalTask(base.Task):
 
   def evaluators(self, ctx: base.RunContext):
     """`itr`: val recalls; all pairs (config.evals.itr.full) or the official fast
-    validation (each caption vs its image + the next `fast_size - 1`); max_images > 0
-    evaluates the first max_images val images and their captions only."""
+    validation (each caption vs its image + the next `fast_size - 1`); rerank > 0 the
+    two-stage ranking (tasks/retrieval_rerank.py); max_images > 0 evaluates the first
+    max_images val images and their captions only."""
     cache: dict = {}
     fn = self._scorer(ctx)
 
@@ -244,9 +303,9 @@ class RetrievalTask(base.Task):
                                   strict=False, max_images=ctx.config.evals.itr.max_images)
       data = cache["val"]
       s = ctx.config.evals.itr
-      if s.full:
-        scores = self._score_matrix(ctx, fn, state, data, "val")
-        return self._metrics(scores, data)
+      if s.full or s.rerank > 0:
+        scores, extra = self._score_matrix(ctx, fn, state, data, "val")
+        return {**self._metrics(scores, data), **extra}
       cols = ret_eval.fast_val_columns(data["gt"], len(data["img_ids"]), s.fast_size)
       with jax.set_mesh(ctx.mesh):
         sc = scoring.fast_val_scores(fn, state["params"], state["rest"],
@@ -261,8 +320,8 @@ class RetrievalTask(base.Task):
     def predict(state) -> dict:
       split, text_dirs, image_dirs = classify.predict_dirs(ctx)
       data = read_split(ctx, text_dirs, image_dirs, strict=True)
-      scores = self._score_matrix(ctx, fn, state, data, split)
-      out = self._metrics(scores, data)
+      scores, extra = self._score_matrix(ctx, fn, state, data, split)
+      out = {**self._metrics(scores, data), **extra}
       if scores is None:
         return out
       path = os.path.join(ctx.workdir, "predictions", split, "rankings.json")

@@ -8,6 +8,10 @@ official token types (docs/official.md, *Downstream heads: VCR*):
   Q->A   [CLS] Q [SEP] A_c [SEP]                types 0 .. 0, 2 (the first [SEP]), 2 .. 2
   QA->R  [CLS] Q [SEP] A_a [SEP] R_c [SEP]      types 0 .. 0, 2, 2 .. 2, 3 ([SEP] after A), 3 .. 3
 
+and for 2nd-stage pretraining (`pretrain_batch`) one row per question with the gold choices:
+
+  Q+A+R  [CLS] Q [SEP] A_gold [SEP] R_gold [SEP] types 0 .. 0, 0 (the first [SEP]), 2 .. 2, 3 .. 3
+
 Shapes are static: each choice segment takes `max_choice_len + 1` slots ([SEP] included) and the
 pieces are packed left (text positions are explicit, the rest is padding under txt_mask).
 """
@@ -97,6 +101,28 @@ def choice_batch(batch: Mapping[str, Any], kind: str, *, max_choice_len: int,
   out = {"input_ids": ids, "txt_type_ids": types, "txt_mask": mask}
   out.update({k: rep(batch[k]) for k in IMAGE_KEYS if k in batch})
   return out
+
+
+def pretrain_batch(batch: Mapping[str, Any], *, max_choice_len: int) -> dict:
+  """One row per question for 2nd-stage pretraining: [CLS] Q [SEP] A_gold [SEP] R_gold [SEP].
+
+  Token types as the official VcrPretrainDataset: 0 up to and including the [SEP] after Q
+  (unlike fine-tuning), 2 for the answer and its [SEP], 3 for the rationale and its [SEP]. A
+  question without gold labels (-1) reads choice 0 (training data is checked to have them).
+  The image fields and img_ids pass through.
+  """
+  q_ids = batch["input_ids"].astype(jnp.int32)
+  q_len = jnp.sum(batch["txt_mask"].astype(jnp.int32), axis=1)
+  sep_id = jnp.take_along_axis(q_ids, jnp.maximum(q_len - 1, 0)[:, None], axis=1)
+  pieces = [(q_ids, jnp.full_like(q_ids, QUESTION), q_len)]
+  for flat, lens, gold, kind in (("input_ids_as", "lens_as", "qa_target", ANSWER),
+                                 ("input_ids_rs", "lens_rs", "qar_target", RATIONALE)):
+    ids, n = _choice(batch[flat], batch[lens], jnp.maximum(batch[gold].astype(jnp.int32), 0),
+                     max_choice_len, sep_id)
+    pieces.append((ids, jnp.full_like(ids, kind), n))
+  ids, types, mask = _pack(pieces)
+  out = {k: v for k, v in batch.items() if k in IMAGE_KEYS or k == "img_ids"}
+  return {**out, "input_ids": ids, "txt_type_ids": types, "txt_mask": mask}
 
 
 def choice_targets(batch: Mapping[str, Any], kind: str) -> jax.Array:

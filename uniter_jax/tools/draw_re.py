@@ -9,6 +9,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from uniter_jax import files
+
 PRED, GT = (230, 20, 20), (20, 170, 40)
 _EXTS = (".png", ".jpg", ".jpeg")
 
@@ -69,6 +71,8 @@ def save_grid(tiles: Sequence[Image.Image], out_png: str, *, columns: int, gap: 
   for k, tile in enumerate(tiles):
     r, c = divmod(k, columns)
     sheet.paste(tile, (gap + c * (tw + gap), gap + r * (th + gap)))
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  sheet.quantize(256, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
+  sheet = sheet.quantize(256, method=Image.Quantize.MEDIANCUT)
+  # files: whole or not at all, and one writer in a run of several processes.
+  files.atomic_write(out_png, lambda f: sheet.save(f, format="PNG", optimize=True),
+                     overwrite=True)
   return out_png
