@@ -200,13 +200,13 @@ class RetrievalTask(base.Task):
 
     def hard_branch(model, batch, key, deterministic):
       """Mean text-anchor loss + mean image-anchor loss (train_itm_hard_negatives.py)."""
-      batch, n = with_pool(batch)
+      batch, n_batch = with_pool(batch)
       k_sel, k_t, k_i = jax.random.split(key, 3)
       score = lambda rows: model(rows, deterministic=True)  # noqa: E731  mining: eval mode
       total, right, n = 0.0, 0.0, 0.0
       for (rows, w, _), k_drop in zip(
           hard_negative_groups(score, k_sel, batch, int(config.itr.hard_pool), hard,
-                               int(config.itr.hard_anchors) or n),
+                               int(config.itr.hard_anchors) or n_batch),
           (k_t, k_i)):
         scores = model(rows, deterministic=deterministic, rngs=k_drop)
         total = total + rank_loss(scores, hard + 1, margin, w)
