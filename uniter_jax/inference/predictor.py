@@ -17,16 +17,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import types
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from uniter_jax import loading, sharding, tasks
+from uniter_jax import loading, sharding
 from uniter_jax.evaluators import retrieval as ret_eval
 from uniter_jax.inference import resources
 from uniter_jax.inference.alignment import Alignment
@@ -36,6 +34,7 @@ from uniter_jax.models import (UniterForImageTextRetrieval, UniterForNlvr2, Unit
                                UniterForReferringExpressionComprehension,
                                UniterForVcr, UniterForVisualEntailment, UniterForVqa)
 from uniter_jax.tasks import retrieval_scores as scoring
+from uniter_jax.tasks import vcr as vcr_task
 from uniter_jax.tasks import ve as ve_task
 
 MASK = "[MASK]"
@@ -341,11 +340,8 @@ class Predictor:
       raise ValueError(f"vcr: a choice has {longest} tokens, more than the run's "
                        f"config.vcr.max_choice_len={width}; shorten it")
     if ("vcr", width) not in self._fns:
-      # The task's own jitted scorer (what --mode=predict runs); of the run context it reads
-      # the config's vcr.max_choice_len, the graphdef and the cache.
-      ctx = types.SimpleNamespace(config=ml_collections.ConfigDict(
-          {"vcr": {"max_choice_len": width}}), graphdef=self._graphdef, cache={})
-      self._fns[("vcr", width)] = tasks.get("vcr")._score_fn(ctx, conditioned=True)  # pylint: disable=protected-access
+      # The task's own jitted scorer (what --mode=predict runs).
+      self._fns[("vcr", width)] = vcr_task.make_scorer(self._graphdef, width, conditioned=True)
 
     def batches():
       for sl in self.processor.chunks(len(questions)):

@@ -71,11 +71,11 @@ class VcrTask(base.Task):
                             "config.data.test_text_dirs)")
 
   @staticmethod
-  def _score_rows(config) -> Callable:
+  def _score_rows(max_choice_len: int) -> Callable:
     """(model, batch, deterministic, key, answers) -> class-1 logits (K, B, 4) and logits
     (4BK, 2) of K choice sets, in one forward pass: Q->A, then QA->R under each of `answers`
     ((B,) arrays; None = the gold answer)."""
-    width = int(config.vcr.max_choice_len)
+    width = int(max_choice_len)
 
     def score(model, batch, deterministic, key, answers):
       sets = [choice_batch(batch, "qa", max_choice_len=width)]
@@ -88,7 +88,7 @@ class VcrTask(base.Task):
   def objective(self, config, data):
     """One branch: each question's Q->A and QA->R sequences in one forward pass, 2-way CE
     per sequence, mean over all 8 (the official loader mixes qa and qar sequences in a batch)."""
-    score = self._score_rows(config)
+    score = self._score_rows(int(config.vcr.max_choice_len))
 
     def branch(model, batch, key, deterministic):
       scores, logits = score(model, batch, deterministic, key, [None])
@@ -107,19 +107,8 @@ class VcrTask(base.Task):
     """Jitted: class-1 logits, qa (B, 4) and qar (B, 4) (gold answer) or qar_all (B, 4, 4)."""
     key = f"vcr_scores_{conditioned}"
     if key not in ctx.cache:
-      graphdef, score = ctx.graphdef, self._score_rows(ctx.config)
-
-      def fn(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        if not conditioned:
-          s, _ = score(model, batch, True, None, [None])
-          return {"qa": s[0], "qar": s[1]}
-        # The official test mode: the rationales under each of the 4 answers.
-        answers = [jnp.full_like(batch["qa_target"], a) for a in range(NUM_CHOICES)]
-        s, _ = score(model, batch, True, None, answers)
-        return {"qa": s[0], "qar_all": jnp.moveaxis(s[1:], 0, 1)}
-
-      ctx.cache[key] = jax.jit(fn)
+      ctx.cache[key] = make_scorer(ctx.graphdef, int(ctx.config.vcr.max_choice_len),
+                                   conditioned)
     return ctx.cache[key]
 
   def _run(self, ctx, state, text_dirs, image_dirs, *, strict: bool, conditioned: bool):
@@ -180,5 +169,22 @@ class VcrTask(base.Task):
 
     return predict
 
+
+
+def make_scorer(graphdef, max_choice_len: int, conditioned: bool) -> Callable:
+  """jit (params, rest, batch) -> class-1 logits: qa (B, 4) and qar (B, 4) under the gold
+  answer, or (conditioned, the official test mode) qar_all (B, 4, 4) under each answer."""
+  score = VcrTask._score_rows(max_choice_len)  # pylint: disable=protected-access
+
+  def fn(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    if not conditioned:
+      s, _ = score(model, batch, True, None, [None])
+      return {"qa": s[0], "qar": s[1]}
+    answers = [jnp.full_like(batch["qa_target"], a) for a in range(NUM_CHOICES)]
+    s, _ = score(model, batch, True, None, answers)
+    return {"qa": s[0], "qar_all": jnp.moveaxis(s[1:], 0, 1)}
+
+  return jax.jit(fn)
 
 register(VcrTask())
