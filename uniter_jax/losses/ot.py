@@ -35,8 +35,9 @@ _SOLVERS = ("sinkhorn", "ipot")
 _DEFAULT_ITERS = {"sinkhorn": 100, "ipot": 50}
 
 
-def _ott(*names: str) -> tuple:
-  """ott-jax modules by short name; a clear error where ott-jax is not installed."""
+def _ott() -> tuple:
+  """(epsilon_scheduler, geometry, linear_problem, sinkhorn) of ott-jax; a clear error where
+  ott-jax is not installed."""
   try:
     from ott.geometry import epsilon_scheduler, geometry  # pylint: disable=import-outside-toplevel
     from ott.problems.linear import linear_problem  # pylint: disable=import-outside-toplevel
@@ -45,9 +46,7 @@ def _ott(*names: str) -> tuple:
     raise ImportError('the "sinkhorn" WRA solver needs ott-jax (pip install ott-jax, see '
                       'requirements.txt); solver="ipot" (the official algorithm) needs '
                       f"nothing more: --config.pretrain.ot.solver=ipot ({e})") from e
-  found = {"epsilon_scheduler": epsilon_scheduler, "geometry": geometry,
-           "linear_problem": linear_problem, "sinkhorn": sinkhorn}
-  return tuple(found[n] for n in names)
+  return epsilon_scheduler, geometry, linear_problem, sinkhorn
 
 
 def _safe_normalize(x: jax.Array) -> jax.Array:
@@ -139,7 +138,7 @@ def _sinkhorn_plan(
     num_iters: int,
 ) -> jax.Array:
   """ott-jax log-domain Sinkhorn plan (B, M, N), vmapped over the batch."""
-  geometry, linear_problem, sinkhorn = _ott("geometry", "linear_problem", "sinkhorn")
+  _, geometry, linear_problem, sinkhorn = _ott()
   _, num_txt, num_img = cost.shape
   # Zero weight on padding is ott's only way to mask. Empty examples get a dummy uniform
   # problem instead: an all-zero marginal is a degenerate problem (docs/ot.md pitfalls 7, 8).
@@ -175,7 +174,7 @@ def _epsilon_schedule(
   if eps_anneal is None:
     return epsilon
   init, decay = eps_anneal
-  (epsilon_scheduler,) = _ott("epsilon_scheduler")
+  epsilon_scheduler = _ott()[0]
   if not 0.0 < decay <= 1.0:
     raise ValueError(f"eps_anneal decay must be in (0, 1], got {decay}")
   # ott uses target * max(init * decay**t, 1) at iteration t = 0..n-1. If the multiplier has
