@@ -27,7 +27,7 @@ from uniter_jax import metrics as metrics_lib, optim
 from uniter_jax import pytree, sharding, tasks
 from uniter_jax import train_step as step_lib
 from uniter_jax.models import UniterConfig, registry
-from uniter_jax.tasks.base import DataSpec, MakeWorld, RunContext
+from uniter_jax.tasks.base import POOL_PREFIX, DataSpec, MakeWorld, RunContext
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,7 +469,8 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   def step_batch() -> dict:
     b = task.step_fields(next(batches))
     if pool_batches is not None:
-      b.update({f"pool_{k}": v for k, v in task.step_fields(next(pool_batches)).items()})
+      pool = task.step_fields(next(pool_batches))
+      b.update({POOL_PREFIX + k: v for k, v in pool.items()})
     return b
 
   def data_state_now() -> dict:

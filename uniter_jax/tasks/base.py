@@ -57,6 +57,10 @@ class RunContext:
   cache: dict = dataclasses.field(default_factory=dict)  # jitted eval functions of the run
 
 
+# Prefix of the pool stream's fields in a step batch (Task.pool_rows).
+POOL_PREFIX = "pool_"
+
+
 class Task:
   """Base class; subclasses set the class attributes and override what differs."""
 
@@ -123,7 +127,7 @@ class Task:
 
   def pool_rows(self, config) -> int:
     """Rows of a second, independently shuffled stream over the training split that the
-    trainer adds to every step batch as "pool_<field>" keys (e.g. retrieval negatives drawn
+    trainer adds to every step batch as POOL_PREFIX + field keys (e.g. retrieval negatives drawn
     from the whole training set, not only the batch); 0: none."""
     del config
     return 0

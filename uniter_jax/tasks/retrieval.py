@@ -68,7 +68,7 @@ def random_negative_batch(key: jax.Array, batch: Mapping[str, jax.Array], n_pos:
   return _gather(batch, txt_src, img_src), (valid[:a] & ok).astype(jnp.float32)
 
 
-POOL = "pool_"  # prefix of the negative pool's fields in a step batch (Task.pool_rows)
+POOL = base.POOL_PREFIX  # the negative pool's fields in a step batch (Task.pool_rows)
 
 
 def with_pool(batch: Mapping[str, jax.Array]) -> tuple[dict, int]:
