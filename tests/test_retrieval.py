@@ -334,7 +334,8 @@ def test_config_variants(variant):
     itr_config.get_config("nope")
 
 
-def test_two_stage_equals_all_pairs_when_everything_is_shortlisted(scorer_setup, mesh):
+def test_two_stage_equals_all_pairs_when_everything_is_shortlisted(scorer_setup, mesh,
+                                                                  tmp_path):
   model, graphdef, params, rest, rules, texts, images = scorer_setup
   pair_fn = rerank.make_pair_scorer(graphdef, rules)
   side = {s: rerank.make_side_encoder(graphdef, rules, s) for s in ("text", "image")}
@@ -364,6 +365,20 @@ def test_two_stage_equals_all_pairs_when_everything_is_shortlisted(scorer_setup,
   # Shortlisted pairs carry the cross-encoder score and rank above every other pair.
   np.testing.assert_allclose(two[keep], full[keep], atol=1e-5)
   assert two[~keep].max() < two[keep].min()
+  # The re-rank resumes: stopped after 1 of its chunks, then resumed, the same matrix.
+  store = scoring.ScoreStore(str(tmp_path / "two.npz"), {"rerank": 2})
+  lines = []
+  with jax.set_mesh(mesh):
+    kw = dict(m=2, chunk=8, store=store)
+    stopped, _ = rerank.two_stage_scores(pair_fn, side["text"], side["image"], params, rest,
+                                         texts, images, max_blocks=1, **kw)
+    again, _ = rerank.two_stage_scores(pair_fn, side["text"], side["image"], params, rest,
+                                       texts, images, say=lambda m, *a: lines.append(m % a),
+                                       **kw)
+  chunks = -(-int(keep.sum()) // 8)
+  assert stopped is None and chunks > 1
+  assert any(f"{chunks - 1} of {chunks} blocks left" in m for m in lines), lines
+  np.testing.assert_allclose(again, two, atol=1e-5)
 
 
 @pytest.mark.slow

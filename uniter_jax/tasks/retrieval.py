@@ -258,19 +258,23 @@ class RetrievalTask(base.Task):
   def _score_matrix(ctx: base.RunContext, fn, state, data: dict, name: str):
     """(ranking matrix or None when max_blocks left blocks, extra metrics)."""
     s = ctx.config.evals.itr
+    meta = {"step": int(state["step"]), "n_txt": len(data["gt"]),
+            "n_img": len(data["img_ids"]), "block": [s.block_txt, s.block_img],
+            "dtype": s.dtype, "trim_text": s.trim_text, "txt": data["txt_ids"][:3],
+            "img": data["img_ids"][:3]}
+    if s.rerank > 0:
+      meta.update(rerank=s.rerank, prerank_pool=s.prerank_pool)
+    # One file per split: a later step's evaluation (its meta differs) starts afresh over it,
+    # so a long run keeps one matrix per split, not one per evaluation (COCO 5k: ~500 MB).
+    store = scoring.ScoreStore(os.path.join(ctx.workdir, "scores", f"{name}.npz"), meta)
     if s.rerank > 0:  # two-stage: pre-rank all pairs, re-rank the top `rerank` per query
       fns = RetrievalTask._two_stage_fns(ctx)
       with jax.set_mesh(ctx.mesh):
         return rerank.two_stage_scores(*fns, state["params"], state["rest"], data["texts"],
                                        data["images"], m=s.rerank,
-                                       chunk=s.block_txt * s.block_img, say=ctx.say)
-    meta = {"step": int(state["step"]), "n_txt": len(data["gt"]),
-            "n_img": len(data["img_ids"]), "block": [s.block_txt, s.block_img],
-            "dtype": s.dtype, "trim_text": s.trim_text, "txt": data["txt_ids"][:3],
-            "img": data["img_ids"][:3]}
-    # One file per split: a later step's evaluation (its meta differs) starts afresh over it,
-    # so a long run keeps one matrix per split, not one per evaluation (COCO 5k: ~500 MB).
-    store = scoring.ScoreStore(os.path.join(ctx.workdir, "scores", f"{name}.npz"), meta)
+                                       chunk=s.block_txt * s.block_img, say=ctx.say,
+                                       store=store, save_every_s=s.save_every_s,
+                                       max_blocks=s.max_blocks)
     with jax.set_mesh(ctx.mesh):
       return scoring.score_all_pairs(
           fn, state["params"], state["rest"], data["texts"], data["images"],

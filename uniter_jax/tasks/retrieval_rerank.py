@@ -103,20 +103,27 @@ def shortlist(cheap: np.ndarray, m: int) -> np.ndarray:
 
 def score_pairs(fn: Callable, params, rest, texts: Mapping[str, np.ndarray],
                 images: Mapping[str, np.ndarray], t_idx: np.ndarray, i_idx: np.ndarray,
-                chunk: int) -> np.ndarray:
+                chunk: int, *, store: scoring.ScoreStore | None = None,
+                save_every_s: float = 60.0, say: Callable[..., None] | None = None,
+                max_blocks: int = 0) -> np.ndarray | None:
   """Cross-encoder scores (P,) of pairs (texts[t_idx[p]], images[i_idx[p]]), `chunk` pairs
-  per jitted call (fn: make_pair_scorer's; one compile, the last chunk padded)."""
+  per jitted call (fn: make_pair_scorer's; one compile, the last chunk padded). Saving,
+  resuming, progress and max_blocks (in chunks) as in `scoring.fill_resumable`."""
   p = len(t_idx)
   n_chunks = max(1, -(-p // chunk))
   pad = n_chunks * chunk - p
   t_idx = np.concatenate([t_idx, np.zeros(pad, t_idx.dtype)]).astype(np.int64)
   i_idx = np.concatenate([i_idx, np.zeros(pad, i_idx.dtype)]).astype(np.int64)
-  out = np.zeros(n_chunks * chunk, np.float32)
-  for c in range(n_chunks):
-    s = slice(c * chunk, (c + 1) * chunk)
+
+  def score_chunk(idx: tuple[int, ...], out: np.ndarray) -> None:
+    s = slice(idx[0] * chunk, (idx[0] + 1) * chunk)
     out[s] = np.asarray(fn(params, rest, {k: v[t_idx[s]] for k, v in texts.items()},
                            {k: v[i_idx[s]] for k, v in images.items()}))
-  return out[:p]
+
+  out = scoring.fill_resumable(store, (n_chunks * chunk,), (n_chunks,), score_chunk,
+                               pairs_per_block=chunk, what="retrieval re-rank",
+                               save_every_s=save_every_s, say=say, max_blocks=max_blocks)
+  return None if out is None else out[:p]
 
 
 def make_pair_scorer(graphdef, rules) -> Callable:
@@ -142,9 +149,14 @@ def combine(cheap: np.ndarray, keep: np.ndarray, rerank: np.ndarray) -> np.ndarr
 
 def two_stage_scores(pair_fn: Callable, txt_fn: Callable, img_fn: Callable, params, rest,
                      texts: Mapping[str, np.ndarray], images: Mapping[str, np.ndarray], *,
-                     m: int, chunk: int, say: Callable[..., None] | None = None
-                     ) -> tuple[np.ndarray, dict]:
-  """(n_txt, n_img) ranking matrix and {"pairs_scored", "pairs_all", "rerank_m"}."""
+                     m: int, chunk: int, say: Callable[..., None] | None = None,
+                     store: scoring.ScoreStore | None = None, save_every_s: float = 60.0,
+                     max_blocks: int = 0) -> tuple[np.ndarray | None, dict]:
+  """(n_txt, n_img) ranking matrix and {"pairs_scored", "pairs_all", "rerank_m"}.
+
+  The re-rank scores go through `store` (resumable, as the all-pairs blocks); the pre-rank is
+  recomputed on a resume (one forward per caption and per image, deterministic, so the same
+  shortlist). With max_blocks > 0 and chunks left, the matrix is None."""
   txt_emb = encode_side(txt_fn, params, rest, texts, chunk)
   img_emb = encode_side(img_fn, params, rest, images, chunk)
   cheap = cheap_scores(txt_emb, img_emb)
@@ -153,6 +165,7 @@ def two_stage_scores(pair_fn: Callable, txt_fn: Callable, img_fn: Callable, para
   if say:
     say("retrieval two-stage: re-ranking %d of %d pairs (top %d per query)", len(t_idx),
         keep.size, m)
-  scores = score_pairs(pair_fn, params, rest, texts, images, t_idx, i_idx, chunk)
-  return combine(cheap, keep, scores), {"pairs_scored": int(len(t_idx)),
-                                        "pairs_all": int(keep.size), "rerank_m": int(m)}
+  scores = score_pairs(pair_fn, params, rest, texts, images, t_idx, i_idx, chunk, store=store,
+                       save_every_s=save_every_s, say=say, max_blocks=max_blocks)
+  info = {"pairs_scored": int(len(t_idx)), "pairs_all": int(keep.size), "rerank_m": int(m)}
+  return (None if scores is None else combine(cheap, keep, scores)), info

@@ -93,6 +93,45 @@ class ScoreStore:
     files.write_bytes(self.path, buf.getvalue(), overwrite=True)
 
 
+def fill_resumable(store: ScoreStore | None, shape: tuple[int, ...], blocks: tuple[int, ...],
+                   score_block: Callable[[tuple[int, ...], np.ndarray], None], *,
+                   pairs_per_block: int, what: str, save_every_s: float = 60.0,
+                   say: Callable[..., None] | None = None, max_blocks: int = 0
+                   ) -> np.ndarray | None:
+  """Scores of `shape`, one block of the `blocks` grid at a time, resumable.
+
+  score_block(index, scores) writes block `index`'s scores into `scores`. With `store`, the
+  scores and a done mask are saved every `save_every_s` seconds and at the end, and blocks
+  already done are skipped on the next call. Progress (pairs/s, ETA) goes to `say` about
+  every 10% of the blocks; max_blocks > 0 stops after that many blocks and returns None
+  when blocks are left (time-sliced evaluation).
+  """
+  store = store or ScoreStore("", {})
+  scores, done, resumed = store.load(shape, blocks)
+  todo = [idx for idx in np.ndindex(*blocks) if not done[idx]]
+  if say and resumed:
+    say("%s: resuming %s, %d of %d blocks left", what, store.path, len(todo), done.size)
+  progress = metrics.Progress(len(todo), 0)
+  every = max(1, len(todo) // 10)
+  last_save = time.time()
+  for n, idx in enumerate(todo, 1):
+    score_block(idx, scores)
+    done[idx] = True
+    if n == 1:
+      progress.first_step_done(1)  # the rate leaves out compilation
+    if say and (n % every == 0 or n == len(todo)):
+      rate, eta = progress.rate_eta(n)
+      say("%s: block %d/%d, %.0f pairs/s, %s", what, n, len(todo), rate * pairs_per_block, eta)
+    if time.time() - last_save > save_every_s:
+      store.save(scores, done)
+      last_save = time.time()
+    if max_blocks and n >= max_blocks and n < len(todo):
+      store.save(scores, done)
+      return None
+  store.save(scores, done)
+  return scores
+
+
 def score_all_pairs(fn: Callable, params, rest, texts: Mapping[str, np.ndarray],
                     images: Mapping[str, np.ndarray], *, block_txt: int, block_img: int,
                     store: ScoreStore | None = None, save_every_s: float = 60.0,
@@ -100,9 +139,7 @@ def score_all_pairs(fn: Callable, params, rest, texts: Mapping[str, np.ndarray],
                     trim_text: int = 0) -> np.ndarray | None:
   """The (n_txt, n_img) score matrix, block by block (fn: make_block_scorer's).
 
-  Progress (pairs/s, ETA) goes to `say` about every 10% of the blocks. With `store`, finished
-  blocks are saved and skipped on the next call. max_blocks > 0 stops after scoring that
-  many blocks (time-sliced evaluation) and returns None when blocks are left.
+  Progress, saving, resuming and max_blocks as in `fill_resumable`.
   trim_text > 0 blocks the captions in order of length and cuts each block's text padding
   to its longest caption rounded up to a multiple of trim_text (one compile per width):
   the official evaluation runs each caption at its own length, and short captions padded
@@ -117,16 +154,9 @@ def score_all_pairs(fn: Callable, params, rest, texts: Mapping[str, np.ndarray],
   lengths = texts["txt_mask"].sum(1)
   if trim_text:
     order[:n_txt] = np.argsort(lengths[:n_txt], kind="stable")
-  store = store or ScoreStore("", {})
-  scores, done, resumed = store.load((n_txt, n_img), (n_tb, n_ib))
-  todo = [(a, b) for a in range(n_tb) for b in range(n_ib) if not done[a, b]]
-  if say and resumed:
-    say("retrieval scores: resuming %s, %d of %d blocks left", store.path, len(todo),
-        n_tb * n_ib)
-  progress = metrics.Progress(len(todo), 0)
-  every = max(1, len(todo) // 10)
-  last_save = time.time()
-  for n, (a, b) in enumerate(todo, 1):
+
+  def score_block(idx: tuple[int, ...], scores: np.ndarray) -> None:
+    a, b = idx
     t = order[a * block_txt:(a + 1) * block_txt]
     i = slice(b * block_img, (b + 1) * block_img)
     width = texts["input_ids"].shape[1]
@@ -136,21 +166,10 @@ def score_all_pairs(fn: Callable, params, rest, texts: Mapping[str, np.ndarray],
                           {k: v[i] for k, v in images.items()}))
     real, cols = t < n_txt, min(block_img, n_img - i.start)
     scores[t[real], i.start:i.start + cols] = block[real, :cols]
-    done[a, b] = True
-    if n == 1:
-      progress.first_step_done(1)  # the rate leaves out compilation
-    if say and (n % every == 0 or n == len(todo)):
-      rate, eta = progress.rate_eta(n)
-      say("retrieval scores: block %d/%d, %.0f pairs/s, %s", n, len(todo),
-          rate * block_txt * block_img, eta)
-    if time.time() - last_save > save_every_s:
-      store.save(scores, done)
-      last_save = time.time()
-    if max_blocks and n >= max_blocks and n < len(todo):
-      store.save(scores, done)
-      return None
-  store.save(scores, done)
-  return scores
+
+  return fill_resumable(store, (n_txt, n_img), (n_tb, n_ib), score_block,
+                        pairs_per_block=block_txt * block_img, what="retrieval scores",
+                        save_every_s=save_every_s, say=say, max_blocks=max_blocks)
 
 
 def fast_val_scores(fn: Callable, params, rest, texts: Mapping[str, np.ndarray],
