@@ -3,8 +3,9 @@ a question's Q->A and QA->R sequences together, 2-way CE per sequence as train_v
 (docs/official.md, *Downstream heads: VCR*). The word table grows by the data's extra tokens
 and the type table to 4 rows when a pretrained checkpoint initialises it.
 
-Default: the synthetic world's VCR split on a 2-core CPU in a few minutes; prints Q->A, QA->R
-and Q->AR accuracy on the held-out val split (chance 0.25 / 0.25 / 0.0625).
+Default: the synthetic world's VCR split on a 2-core CPU (about 5 CPU-minutes; 15 minutes wall
+when measured under load, see below); prints Q->A, QA->R and Q->AR accuracy on the held-out val
+split beside chance (0.25 / 0.25 / 0.0625).
   python main.py --config=configs/vcr.py --workdir=workdir/vcr_scratch
   python main.py --config=configs/vcr.py --workdir=workdir/vcr_pre \\
       --config.init_from=workdir/pretrain/export   # or an orbax workdir, or a UNITER .pt
@@ -37,8 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.finetune_schedule(c, a.variant, "vcr")
     c.data.txt_buckets, c.data.max_txt_len = (16,), 14  # synthetic questions are short
     if a.variant == "default":
-      # Each question is 8 sequences of (question, choice): 150 updates of 16 at lr 3e-4 run in
-      # about 4 minutes here (500 of 32 took 19), the README's ablation schedule.
+      # Each question is 8 sequences of (question, choice): 150 updates of 16 at lr 3e-4, the
+      # README's ablation schedule (500 of 32 took 19 minutes on the quiet machine). Measured
+      # end to end under load (1-min load average 0.4 rising to 14 on the 2 cores): 14:50 wall,
+      # 5.4 CPU-minutes; 0.8-0.9 updates/s while the machine was still quiet.
       c.data.batch_size, c.optimizer.lr = 16, 3e-4
       c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 150, 25, 150
       c.evals.vcr.every_steps = 150

@@ -4,16 +4,18 @@ pretraining, with the world's chance and text-only baselines beside it.
 Runs (each a plain main.py command, so every row can be re-run by hand):
   1. the default pretraining into WORKDIR/pretrain (skipped when its export exists) and,
      with --uniform-masking, the same run with the official uniform MLM masking
-     (mlm_focus_words='') into WORKDIR/pretrain_uniform;
+     (mlm_focus_words='') into WORKDIR/pretrain_uniform; for vcr also the second-stage
+     pretraining (configs/pretrain_vcr.py) from that export into WORKDIR/pretrain_vcr;
   2. configs/TASK.py from random init and from each pretraining export, once per seed
      (skipped when its eval exists);
 then prints the world's chance and text-only baselines (manifest.json, which names the
-text-only method) and a markdown table of the held-out (val) metrics: the task's main metric
+text-only method) and a markdown table of the held-out (val) metrics: the task's main metrics
 per seed and their mean, the other metrics averaged over seeds.
 
   python scripts/finetune_ablation.py --task=vqa --workdir=workdir/ablation --seeds=42,43
   python scripts/finetune_ablation.py --task=ve --workdir=workdir/ablation --seeds=42,43
   python scripts/finetune_ablation.py --task=nlvr2 --workdir=workdir/ablation --seeds=42,43
+  python scripts/finetune_ablation.py --task=vcr --workdir=workdir/ablation --seeds=42,43
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# task -> its main held-out metric (the one the world's baselines are stated in)
-MAIN_METRIC = {"vqa": "vqa_score", "ve": "ve/accuracy", "nlvr2": "nlvr2/accuracy",
-               "re": "re/accuracy"}
+# task -> its main held-out metrics and the manifest's name of each one's baselines (None:
+# the manifest states one number per split)
+MAIN_METRIC = {"vqa": {"vqa_score": None}, "ve": {"ve/accuracy": None},
+               "nlvr2": {"nlvr2/accuracy": None}, "re": {"re/accuracy": None},
+               "vcr": {"vcr/qa_accuracy": "qa", "vcr/qar_accuracy": "qar",
+                       "vcr/q_ar_accuracy": "q_ar"}}
 
 
 def run(args: list[str]) -> None:
@@ -36,10 +41,10 @@ def run(args: list[str]) -> None:
   subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def pretrain(workdir: str, extra: list[str]) -> str:
+def pretrain(workdir: str, extra: list[str], config: str = "configs/pretrain.py") -> str:
   export = os.path.join(workdir, "export", "params.msgpack")
   if not os.path.exists(export):
-    base = ["--config=configs/pretrain.py", f"--workdir={workdir}", *extra]
+    base = [f"--config={config}", f"--workdir={workdir}", *extra]
     run(base)
     run(base + ["--mode=export"])
   return export
@@ -50,6 +55,11 @@ def last_eval(workdir: str) -> dict:
     return json.loads(f.read().strip().splitlines()[-1])
 
 
+def baseline(val: dict, kind: str, key: str | None) -> float:
+  """The manifest's `kind` baseline (chance / text_only) on val for one metric."""
+  return val[kind] if key is None else val[kind][key]
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--task", choices=sorted(MAIN_METRIC), default="vqa")
@@ -58,6 +68,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=0, help="0 = the task config's default")
   p.add_argument("--uniform-masking", action="store_true",
                  help="also pretrain with the official uniform MLM masking")
+  p.add_argument("--second-stage-steps", type=int, default=0,
+                 help="vcr: updates of configs/pretrain_vcr.py, 0 = its default")
   p.add_argument("--world", default="data/synthetic")
   p.add_argument("--extra", default="", help="space-separated main.py flags for every "
                  "fine-tuning run, e.g. '--config.nlvr2.variant=triplet'")
@@ -69,6 +81,12 @@ def main() -> None:
   if a.uniform_masking:
     inits["pretrained (uniform MLM masking)"] = ("pretrain_uniform", pretrain(
         os.path.join(w, "pretrain_uniform"), ["--config.pretrain.mlm_focus_words="]))
+  if a.task == "vcr":  # VCR's second stage starts from the default pretraining's export
+    steps = [f"--config.total_steps={a.second_stage_steps}"] if a.second_stage_steps else []
+    inits["pretrained + second stage"] = ("pretrain_vcr", pretrain(
+        os.path.join(w, "pretrain_vcr"),
+        [f"--config.init_from={inits['pretrained (default)'][1]}", *steps],
+        config="configs/pretrain_vcr.py"))
   cfg = f"configs/{a.task}.py" + (f":default,steps={a.steps}" if a.steps else "")
   rows = {}
   for name, (tag, init) in inits.items():
@@ -81,21 +99,26 @@ def main() -> None:
   with open(os.path.join(ROOT, a.world, "manifest.json"), encoding="utf-8") as f:
     info = json.load(f)["tasks"][a.task]
   val = info["splits"]["val"]
-  main_key = MAIN_METRIC[a.task]
+  main_keys = MAIN_METRIC[a.task]
   others = sorted(k for k in next(iter(rows.values()))[0]
-                  if k != main_key and k != "step"
+                  if k not in main_keys and k != "step"
                   and not k.endswith(("/examples", "questions", "/expressions")))
+  named = lambda kind: ", ".join(
+      f"{baseline(val, kind, b):.3f}" if b is None else f"{b} {baseline(val, kind, b):.3f}"
+      for b in main_keys.values())
   print(f"\nbaselines on val from {a.world}/manifest.json (its metric {info['metric']!r}): "
-        f"chance {val['chance']:.3f}, text-only {val['text_only']:.3f} "
+        f"chance {named('chance')}, text-only {named('text_only')} "
         f"({info['text_only_method']})")
-  print(f"\n| init | {main_key} (val), per seed | mean | " + " | ".join(others) + " |")
-  print("|---|---|---|" + "---|" * len(others))
+  header = ["init", *(c for k in main_keys for c in (f"{k} (val), per seed", "mean")), *others]
+  print("\n| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
   for name, evals in rows.items():
-    main_vals = [e[main_key] for e in evals]
-    means = [sum(e.get(k, float("nan")) for e in evals) / len(evals) for k in others]
-    print(f"| {name} | {', '.join(f'{s:.3f}' for s in main_vals)} | "
-          f"{sum(main_vals) / len(main_vals):.3f} | " + " | ".join(f"{v:.3f}" for v in means)
-          + " |")
+    cells = []
+    for k in main_keys:
+      vals = [e[k] for e in evals]
+      cells += [", ".join(f"{s:.3f}" for s in vals), f"{sum(vals) / len(vals):.3f}"]
+    cells += [f"{sum(e.get(k, float('nan')) for e in evals) / len(evals):.3f}" for k in others]
+    print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

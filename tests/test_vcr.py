@@ -99,6 +99,8 @@ def test_trains_evaluates_and_writes_the_leaderboard_csv(run, tiny_world):
   assert ev["vcr/questions"] == len(val)
   # Q->AR is right only where both are: at most the smaller of the two.
   assert ev["vcr/q_ar_accuracy"] <= min(ev["vcr/qa_accuracy"], ev["vcr/qar_accuracy"]) + 1e-9
+  n = len(val[0]["answers"])  # choices per question: chance is a uniform pick among them
+  assert [ev[f"vcr/{k}_chance"] for k in ("qa", "qar", "q_ar")] == [1 / n, 1 / n, 1 / n ** 2]
   res = train.train_and_evaluate(_config(tiny_world), workdir, mode="predict")
   with open(res["predictions"]) as f:
     table = list(csv.reader(f))

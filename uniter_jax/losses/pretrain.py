@@ -91,7 +91,8 @@ def masked_budget(positions: int, rows: int, rate: float, margin: float) -> int:
   """The static number of head slots for `positions` slots of `rows` rows, at most positions.
 
   ceil(rate * (1 + margin) * positions) + rows (one forced target per row at most), rounded
-  up to a multiple of 8.
+  up to a multiple of 8. VCR's 2nd stage forces one per segment (up to 3 a row); the margin,
+  taken over padded positions, has held those too (README, *VCR*: no overflow measured).
   """
   k = math.ceil(rate * (1.0 + margin) * positions - 1e-9) + rows
   return min(positions, -(-k // 8) * 8)

@@ -129,9 +129,11 @@ class VcrTask(base.Task):
       return {}
     qa = np.array([rows[i]["qa"].argmax() for i in idx]) == qa_t
     qar = np.array([rows[i]["qar"].argmax() for i in idx]) == qar_t
+    chance = 1.0 / rows[int(idx[0])]["qa"].shape[-1]  # a uniform pick among the choices
     return {"vcr/qa_accuracy": float(qa[known].mean()),
             "vcr/qar_accuracy": float(qar[known].mean()),
             "vcr/q_ar_accuracy": float((qa & qar)[known].mean()),
+            "vcr/qa_chance": chance, "vcr/qar_chance": chance, "vcr/q_ar_chance": chance ** 2,
             "vcr/questions": int(known.sum()), **classify.skipped(pipe, "questions")}
 
   def evaluators(self, ctx: base.RunContext):
