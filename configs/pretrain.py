@@ -49,7 +49,9 @@ def pretrain_settings(mix: dict, focus_words: str = "") -> ml_collections.Config
   # 'paired' (not in UNITER) = each caption once with its own image and once with another, so
   # the ITM batch doubles and only the agreement of caption and image tells the label. From a
   # grounded model it learns ITM ~3x faster here; in a 1200-update run from scratch neither
-  # does (README, *Image-text matching*), so the default keeps UNITER's.
+  # does (README, *Image-text matching*), so the default keeps UNITER's. 'paired_half' (not
+  # in UNITER) = 'paired' for the first half of the batch's captions: the ITM batch keeps its
+  # size and an update costs what a sampled one does.
   p.itm_negatives = "sampled"
   # The MLM / MRFR / MRC heads read only the masked positions, as the official code does,
   # gathered into a static budget per device of ceil(rate * (1 + margin) * positions) + rows
@@ -58,6 +60,10 @@ def pretrain_settings(mix: dict, focus_words: str = "") -> ml_collections.Config
   # logged <objective>_full_heads is the share of such updates. -1 = heads at every position.
   p.masked_budget_margin = 0.25
   p.ot_lambda = 0.1  # WRA weight in the ITM loss (official itm_ot_lambda)
+  # Not in UNITER (which weighs every objective 1): objective -> weight of its updates'
+  # gradients, e.g. {'itm': 10.0}; the objectives' gradient norms differ by over 10x here
+  # (README, *Image-text matching*) while AdamW's moments are shared between them.
+  p.loss_weights = ml_collections.ConfigDict()
   # WRA solver (docs/ot.md): sinkhorn (ott-jax) or ipot (the official algorithm, exact).
   p.ot = ml_collections.ConfigDict(dict(
       solver="sinkhorn", epsilon=0.01, num_iters=0,  # 0: 100 for sinkhorn, 50 for ipot

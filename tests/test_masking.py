@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uniter_jax.masking import (MaskingConfig, apply_objective, mask_focus_words, mask_regions,
                                 mask_text, with_other_images)
@@ -128,7 +129,8 @@ def test_itm_negatives_never_own_image_and_same_image_is_positive():
   np.testing.assert_array_equal(np.asarray(out["img_ids"]), np.asarray(img_ids)[src])
 
 
-def test_paired_itm_negatives_show_every_caption_and_image_matched_and_mismatched():
+@pytest.mark.parametrize("kind", ["paired", "paired_half"])
+def test_paired_itm_negatives_show_every_caption_and_image_matched_and_mismatched(kind):
   n, g = 96, 32
   rng = np.random.default_rng(4)
   img_ids = jnp.asarray(rng.integers(0, 60, n), jnp.int32)  # some duplicates
@@ -136,19 +138,23 @@ def test_paired_itm_negatives_show_every_caption_and_image_matched_and_mismatche
   txt = jnp.asarray(np.arange(n, dtype=np.int32)[:, None] * np.ones((1, 3), np.int32))
   batch = dict(input_ids=txt, txt_mask=jnp.ones((n, 3), bool), img_feat=feat,
                img_pos=jnp.zeros((n, 2, 7)), img_mask=jnp.ones((n, 2), bool), img_ids=img_ids)
-  cfg = dataclasses.replace(MaskingConfig(), itm_paired=True)
+  cfg = dataclasses.replace(MaskingConfig(), itm_negatives=kind)
+  # paired: every row takes part in groups of g; paired_half: the first g/2 rows of each group,
+  # as groups of g/2, so the output keeps n rows.
+  used = np.arange(n) if kind == "paired" else np.arange(n)[np.arange(n) % g < g // 2]
+  gu = g if kind == "paired" else g // 2
   for seed in range(3):
     out = apply_objective(jax.random.key(seed), batch, "itm", cfg, itm_group_size=g)
     text = np.asarray(out["input_ids"])[:, 0]
     src = np.asarray(out["img_feat"])[:, 0, 0].astype(int)
-    assert len(text) == 2 * n
-    np.testing.assert_array_equal(np.sort(text), np.repeat(np.arange(n), 2))  # each caption 2x
-    np.testing.assert_array_equal(np.sort(src), np.repeat(np.arange(n), 2))  # each image 2x
+    assert len(text) == 2 * len(used)
+    np.testing.assert_array_equal(np.sort(text), np.repeat(used, 2))  # each caption 2x
+    np.testing.assert_array_equal(np.sort(src), np.repeat(used, 2))  # each image 2x
     own = text == src
-    assert own.sum() == n  # one own pair per caption, one with another row's image
+    assert own.sum() == len(used)  # one own pair per caption, one with another row's image
     assert (src // g == text // g).all()  # within the device-local group
-    # rows stay in their group's block of 2g (the own pairs, then the swapped ones)
-    assert (np.arange(2 * n) // (2 * g) == text // g).all()
+    # rows stay in their group's block of 2 * gu (the own pairs, then the swapped ones)
+    assert (np.arange(2 * len(used)) // (2 * gu) == text // g).all()
     expected = (np.asarray(img_ids)[src] == np.asarray(img_ids)[text]).astype(int)
     np.testing.assert_array_equal(np.asarray(out["itm_targets"]), expected)
     np.testing.assert_array_equal(np.asarray(out["img_ids"]), np.asarray(img_ids)[src])

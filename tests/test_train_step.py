@@ -23,12 +23,14 @@ MCFG = MaskingConfig(mask_id=3, special_ids=(0, 1, 2, 3), random_range=(4, 100))
 RULES = sharding.FSDP_RULES
 
 
-def _settings(names, ratios, ot_solver="ipot", masking=MCFG):
+def _settings(names, ratios, ot_solver="ipot", masking=MCFG, loss_weights=()):
   return pretrain.PretrainSettings(mix=tuple(zip(names, ratios)), masking=masking,
-                                   ot_options=(("solver", ot_solver),))
+                                   ot_options=(("solver", ot_solver),),
+                                   loss_weights=loss_weights)
 
 
-def _setup(mesh, ratios, lr=1e-3, clip=5.0, ot_solver="ipot", names=OBJECTIVES):
+def _setup(mesh, ratios, lr=1e-3, clip=5.0, ot_solver="ipot", names=OBJECTIVES,
+           loss_weights=()):
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
   model_fn = lambda: UniterForPretraining(cfg, rngs=nnx.Rngs(0))
   graphdef, abs_params, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
@@ -38,7 +40,7 @@ def _setup(mesh, ratios, lr=1e-3, clip=5.0, ot_solver="ipot", names=OBJECTIVES):
   init_fn = step_lib.init_state_fn(model_fn, tx, 0)
   shardings = train.state_shardings(jax.eval_shape(init_fn), mesh, RULES)
   state = train.create_state(init_fn, shardings, mesh, RULES)
-  s = _settings(names, ratios, ot_solver)
+  s = _settings(names, ratios, ot_solver, loss_weights=loss_weights)
   step = step_lib.make_train_step(graphdef, tx, pretrain.objective(s), rules=RULES,
                                   schedule=schedule)
   return cfg, graphdef, tx, state, shardings, s, step
@@ -128,11 +130,14 @@ def test_loss_goes_down_on_a_repeated_batch(repeated_batch_losses, objective):
 
 
 def test_accumulation_sums_microbatch_gradients_then_clips(mesh):
-  k = 3
+  """Also the branch's loss weight (config.pretrain.loss_weights): it scales the summed
+  gradient before clipping and the update, as a weighted loss would."""
+  k, weight = 3, 2.0
   one = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   mesh = one
   cfg, graphdef, tx, state, shardings, _, step = _setup(one, (1.0,), clip=0.05,
-                                                         names=("mlm",))
+                                                         names=("mlm",),
+                                                         loss_weights=(("mlm", weight),))
   micro = [step_lib.model_fields(to_jnp(random_batch(10 + i, b=8, cfg=cfg))) for i in range(k)]
   stacked = train.stack_microbatches(micro)
   params0 = jax.tree.map(np.asarray, state["params"])
@@ -160,6 +165,7 @@ def test_accumulation_sums_microbatch_gradients_then_clips(mesh):
   for i, b in enumerate(micro):
     g = micro_grad(params0, b, i)
     total = g if total is None else jax.tree.map(jnp.add, total, g)
+  total = jax.tree.map(lambda g: weight * g, total)
 
   @jax.jit
   def reference_update(grads, opt, params):
@@ -223,3 +229,18 @@ def test_mix_curriculum_blends_from_the_warmup_mix_into_the_final_mix():
   no_ramp = dataclasses.replace(s, ramp_steps=0)
   np.testing.assert_allclose(no_ramp.ratios_at(99), warm, atol=1e-6)
   np.testing.assert_allclose(no_ramp.ratios_at(100), final, atol=1e-6)
+
+
+def test_lr_schedule_official_by_default_and_held_until_decay_start():
+  from uniter_jax import optim  # pylint: disable=import-outside-toplevel
+  counts = np.array([4, 9, 29, 49, 54, 74, 99])  # s = count + 1
+  # Official get_lr_sched: lr * s / warmup, then lr * (total - s) / (total - warmup), floor 1e-8.
+  official = optim.linear_warmup_decay(1.0, 10, 100)(counts)
+  np.testing.assert_allclose(official, [0.5, 1.0, 70 / 90, 50 / 90, 0.5, 25 / 90, 1e-8],
+                             rtol=1e-6)
+  # decay_start=50: the same warmup, lr held until s = 50, then linear to 0 at s = 100.
+  held = optim.linear_warmup_decay(1.0, 10, 100, decay_start=50)(counts)
+  np.testing.assert_allclose(held, [0.5, 1.0, 1.0, 1.0, 0.9, 0.5, 1e-8], rtol=1e-6)
+  # decay_start at or below warmup_steps is the official schedule.
+  np.testing.assert_array_equal(optim.linear_warmup_decay(1.0, 10, 100, decay_start=5)(counts),
+                                official)

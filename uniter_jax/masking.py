@@ -32,9 +32,11 @@ class MaskingConfig:
   mlm_prob: float = 0.15
   mrm_prob: float = 0.15
   itm_neg_prob: float = 0.5
-  # Not in UNITER: every caption once with its own image and once with another image of its
-  # group (the batch doubles), instead of each with itm_neg_prob (sample_itm_negatives).
-  itm_paired: bool = False
+  # ITM negatives: "sampled" (UNITER: each caption gets another image with itm_neg_prob);
+  # not in UNITER: "paired" = every caption once with its own image and once with another
+  # image of its group (the batch doubles); "paired_half" = the same for the first half of
+  # each group's rows only, so the ITM batch keeps its size and cost (paired_itm_negatives).
+  itm_negatives: str = "sampled"
   # Not in UNITER: ids masked with `focus_prob` instead of mlm_prob (ERNIE-ViL-style masking
   # of attribute/object words). Empty = the official masking.
   focus_ids: tuple[int, ...] = ()
@@ -145,7 +147,8 @@ def _itm_group_size(b: int, group_size: int | None) -> int:
   return group_size
 
 
-def paired_itm_negatives(key: jax.Array, batch: Batch, group_size: int | None = None) -> dict:
+def paired_itm_negatives(key: jax.Array, batch: Batch, group_size: int | None = None,
+                         half: bool = False) -> dict:
   """Each caption twice: with its own image (a match) and with another image of its group.
 
   Not UNITER's sampling (sample_itm_negatives), and the batch doubles. Within each group the
@@ -154,9 +157,17 @@ def paired_itm_negatives(key: jax.Array, batch: Batch, group_size: int | None = 
   nor the image alone tells the label, only their agreement does. Another row of the same
   image (equal `img_ids`) is still a match. Rows stay in their group, so no image crosses
   devices; the output interleaves per group: g own pairs, then the group's g swapped pairs.
+  half: only the first g/2 rows of each group take part (as groups of g/2), so the output
+  has the input's row count and an ITM update costs what a sampled one does.
   """
   b = batch["input_ids"].shape[0]
   g = _itm_group_size(b, group_size)
+  if half:
+    if g % 2:
+      raise ValueError(f"paired_half ITM negatives need an even ITM group size, got {g}")
+    batch = {k: v.reshape(b // g, g, *v.shape[1:])[:, : g // 2].reshape(b // 2, *v.shape[1:])
+             for k, v in batch.items()}
+    b, g = b // 2, g // 2
   idx = jnp.arange(b)
   offset = jax.random.randint(key, (), 1, max(g, 2)) if g > 1 else 0
   other = idx - idx % g + (idx % g + offset) % g
@@ -221,7 +232,10 @@ def apply_objective(key: jax.Array, batch: Batch, objective: str, cfg: MaskingCo
                        "soft labels); prepare the image data with soft labels")
     return apply_region_masking(key, batch, cfg.mrm_prob)
   if objective == "itm":
-    if cfg.itm_paired:
-      return paired_itm_negatives(key, batch, itm_group_size)
+    if cfg.itm_negatives in ("paired", "paired_half"):
+      return paired_itm_negatives(key, batch, itm_group_size,
+                                  half=cfg.itm_negatives == "paired_half")
+    if cfg.itm_negatives != "sampled":
+      raise ValueError(f"itm_negatives={cfg.itm_negatives!r}: use sampled, paired or paired_half")
     return sample_itm_negatives(key, batch, cfg.itm_neg_prob, itm_group_size)
   raise ValueError(f"unknown pretraining objective {objective!r}")

@@ -16,13 +16,19 @@ import jax.numpy as jnp
 import optax
 
 
-def linear_warmup_decay(lr: float, warmup_steps: int, total_steps: int) -> Callable:
-  """Official get_lr_sched: s = step + 1; warmup linear to lr, then linear to 0; floor 1e-8."""
+def linear_warmup_decay(lr: float, warmup_steps: int, total_steps: int,
+                        decay_start: int = 0) -> Callable:
+  """Official get_lr_sched: s = step + 1; warmup linear to lr, then linear to 0; floor 1e-8.
+
+  decay_start > warmup_steps (not in UNITER) holds lr until s = decay_start and decays
+  linearly to 0 at total_steps from there; 0 = the official schedule.
+  """
+  start = max(warmup_steps, decay_start)
 
   def schedule(count):
     s = jnp.asarray(count, jnp.float32) + 1.0
     warm = lr * s / max(warmup_steps, 1)
-    decay = lr * jnp.maximum(0.0, (total_steps - s) / max(total_steps - warmup_steps, 1))
+    decay = lr * jnp.clip((total_steps - s) / max(total_steps - start, 1), 0.0, 1.0)
     out = jnp.where(s < warmup_steps, warm, decay)
     return jnp.where(out <= 0.0, 1e-8, out)
 
@@ -86,9 +92,10 @@ def make_optimizer(params: Any, *, lr: float, warmup_steps: int, total_steps: in
                    b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6,
                    weight_decay: float = 0.01, grad_clip: float | None = 5.0,
                    lr_mul: Mapping[str, float] | None = None,
-                   mu_dtype: str | None = None) -> tuple[optax.GradientTransformation, Callable]:
+                   mu_dtype: str | None = None, decay_start: int = 0
+                   ) -> tuple[optax.GradientTransformation, Callable]:
   """The official optimizer as an optax chain, and its schedule (for logging)."""
-  schedule = linear_warmup_decay(lr, warmup_steps, total_steps)
+  schedule = linear_warmup_decay(lr, warmup_steps, total_steps, decay_start)
   parts = []
   if grad_clip is not None and grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))

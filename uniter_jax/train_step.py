@@ -38,6 +38,8 @@ class Objective:
   the updates that drew that branch.
   ratio_fn: optional step -> (num_branches,) ratios, for a mix that changes during training
   (a curriculum); `ratios` are then the final ones (used for FLOP averages).
+  weights: optional per-branch gradient weights (the loss scaled by its branch's weight for
+  the update; the logged loss is not); empty = 1 for every branch.
   """
 
   names: tuple[str, ...]
@@ -46,6 +48,7 @@ class Objective:
   aux_names: tuple[str, ...] = ()
   logged: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
   ratio_fn: Callable[[jax.Array], jax.Array] | None = None
+  weights: tuple[float, ...] = ()
 
   def __post_init__(self):
     if not (len(self.names) == len(self.losses) == len(self.ratios)) or not self.names:
@@ -54,11 +57,15 @@ class Objective:
                        f"{len(self.ratios)} ratios")
     if any(r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
       raise ValueError(f"branch ratios must be >= 0 with a positive sum, got {self.ratios}")
+    if self.weights and (len(self.weights) != len(self.names) or min(self.weights) <= 0):
+      raise ValueError(f"branch weights must be one positive number per branch "
+                       f"{self.names}, got {self.weights}")
 
   def single(self, index: int) -> "Objective":
     """The objective restricted to branch `index` (e.g. to count one branch's FLOPs)."""
     return dataclasses.replace(self, names=(self.names[index],),
-                               losses=(self.losses[index],), ratios=(1.0,), ratio_fn=None)
+                               losses=(self.losses[index],), ratios=(1.0,), ratio_fn=None,
+                               weights=(self.weights[index],) if self.weights else ())
 
   def ratios_at(self, step: jax.Array) -> jax.Array:
     """The mix ratios in force at `step` (traced)."""
@@ -144,6 +151,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objec
       zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.float32(0.0),
                {k: jnp.float32(0.0) for k in objective.aux_names})
       (grads, loss, aux), _ = jax.lax.scan(one, zeros, (jnp.arange(n_micro), batches))
+      if objective.weights:  # = the branch's loss scaled by its weight
+        w = jnp.asarray(objective.weights, jnp.float32)[branch]
+        grads = jax.tree.map(lambda g: g * w.astype(g.dtype), grads)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics = {"loss": loss / n_micro, "branch": branch,

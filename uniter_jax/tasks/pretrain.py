@@ -48,6 +48,8 @@ class PretrainSettings:
   # MLM / MRM heads on the masked positions only, in a static budget with this margin over
   # the masking rate (uniter_jax.losses.pretrain.heads_on_targets); None = every position.
   masked_budget_margin: float | None = DEFAULT_MASKED_BUDGET_MARGIN
+  # Not in UNITER: objective -> gradient weight of its updates (absent: 1).
+  loss_weights: tuple[tuple[str, float], ...] = ()
 
   def mask_rate(self, objective: str) -> float:
     """The highest probability with which `objective` masks a position (sizes the budget)."""
@@ -88,19 +90,20 @@ def masking_config(p, vocab_path: str) -> MaskingConfig:
   return MaskingConfig(mask_id=tok.mask_id, special_ids=tuple(specials),
                        random_range=word_range(tok.vocab), mlm_prob=p.mlm_prob,
                        mrm_prob=p.mrm_prob, itm_neg_prob=p.itm_neg_prob,
-                       itm_paired=itm_paired(p),
+                       itm_negatives=itm_negatives(p),
                        focus_ids=focus_ids(p.mlm_focus_words, tok.vocab, vocab_path),
                        focus_prob=p.mlm_focus_prob)
 
 
-def itm_paired(p) -> bool:
-  """config.pretrain.itm_negatives: 'sampled' (UNITER) or 'paired' (masking.paired_itm_negatives)."""
+def itm_negatives(p) -> str:
+  """config.pretrain.itm_negatives: 'sampled' (UNITER), 'paired' or 'paired_half' (ours)."""
   kind = str(p.get("itm_negatives", "sampled"))
-  if kind not in ("sampled", "paired"):
+  if kind not in ("sampled", "paired", "paired_half"):
     raise ValueError(f"config.pretrain.itm_negatives={kind!r}: use 'sampled' (UNITER: each "
-                     "caption gets another image with itm_neg_prob) or 'paired' (each caption "
-                     "with its own and with another image)")
-  return kind == "paired"
+                     "caption gets another image with itm_neg_prob), 'paired' (each caption "
+                     "with its own and with another image) or 'paired_half' (the same for half "
+                     "the batch's captions, so the ITM batch keeps its size)")
+  return kind
 
 
 def word_range(vocab: dict[str, int]) -> tuple[int, int]:
@@ -158,7 +161,17 @@ def settings(config, vocab_path: str) -> PretrainSettings:
                           warmup_mix=mixes["warmup_mix"],
                           warmup_steps=int(p.get("warmup_steps", 0)),
                           ramp_steps=int(p.get("ramp_steps", 0)),
-                          masked_budget_margin=masked_budget_margin(p))
+                          masked_budget_margin=masked_budget_margin(p),
+                          loss_weights=loss_weights(p))
+
+
+def loss_weights(p) -> tuple[tuple[str, float], ...]:
+  """config.pretrain.loss_weights: objective -> weight > 0 of its updates' gradients."""
+  w = tuple((str(k), float(v)) for k, v in p.get("loss_weights", {}).items())
+  if any(k not in OBJECTIVES or v <= 0 for k, v in w):
+    raise ValueError(f"config.pretrain.loss_weights={dict(w)}: use objectives of {OBJECTIVES} "
+                     "with weights > 0, e.g. \"--config.pretrain.loss_weights={'itm': 10.0}\"")
+  return w
 
 
 def masked_budget_margin(p) -> float | None:
@@ -198,7 +211,8 @@ def objective(s: PretrainSettings, prepare: Prepare = None) -> step_lib.Objectiv
               # The share of updates whose masked positions overflowed the heads' budget.
               **{n: ((f"{n}_full_heads", "full_heads"),) for n in ("mlm", "mrfr", "mrc", "mrckl")
                  if s.masked_budget_margin is not None}},
-      ratio_fn=s.ratios_at if s.warmup_mix else None)
+      ratio_fn=s.ratios_at if s.warmup_mix else None,
+      weights=tuple(dict(s.loss_weights).get(n, 1.0) for n in names) if s.loss_weights else ())
 
 
 def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules,
