@@ -4,6 +4,14 @@
     python benchmarks/input_pipeline.py --text-dir T --image-dir I   # your converted data
     python benchmarks/input_pipeline.py --step-examples-per-s 900    # compare with a measured step
     python benchmarks/input_pipeline.py --accelerator-tflops 197 --mfu 0.4   # e.g. one TPU v5e chip
+    taskset -c 0 python benchmarks/input_pipeline.py --baseline HEAD   # this tree vs a git revision
+
+Per core: the rate is divided by the cores the process may run on (its affinity mask, e.g.
+`taskset -c 0`; TensorFlow sizes its tf.data and op thread pools from that mask too).
+`--baseline REV` measures uniter_jax/data/pipeline.py as of git revision REV (or a copy of it
+at the path REV) side by side with
+the working tree's, whole epochs alternating (REV, ours, REV, ours, ...) so that load on a
+shared machine hits both alike, and checks that both yield equal batches.
 
 Synthetic data: `--images` images with 36 to 100 regions x 2048 float16 features (plus 1601-d soft
 labels with --soft-labels), `--texts-per-image` captions of 8 to 60 tokens. Measures host batches
@@ -18,7 +26,10 @@ shapes the pipeline produced) and an accelerator's peak at a given MFU (default:
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import linecache
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,6 +96,81 @@ def make_synthetic(root: str, images: int, texts_per_image: int, soft: bool, see
   return txt_dir, img_dir
 
 
+def pipeline_at(rev: str):
+  """uniter_jax/data/pipeline.py as of git revision `rev` (or a copy of it at the path `rev`),
+  imported as a separate module."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isfile(rev):
+    with open(rev, encoding="utf-8") as f:
+      src = f.read()
+  else:
+    src = subprocess.run(["git", "show", f"{rev}:uniter_jax/data/pipeline.py"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+  spec = importlib.util.spec_from_loader(f"pipeline_at_{abs(hash(rev))}", loader=None)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  filename = f"{rev}:uniter_jax/data/pipeline.py"
+  linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)  # for autograph
+  exec(compile(src, filename, "exec"), module.__dict__)  # pylint: disable=exec-used
+  return module
+
+
+def epoch_rate(make_pipe) -> tuple[float, float, int, list[dict]]:
+  """(examples/s, examples per CPU second, examples, batches) of one whole epoch of a fresh
+  pipeline (tf.data built, read, joined, batched; NumPy batches on the host). CPU seconds are
+  the process's, all threads: on a loaded machine they move far less than wall time."""
+  pipe = make_pipe()
+  t0, c0 = time.perf_counter(), time.process_time()
+  batches = list(pipe.host_batches())
+  n = sum(int((b["example_index"] >= 0).sum()) for b in batches)
+  return n / (time.perf_counter() - t0), n / (time.process_time() - c0), n, batches
+
+
+def compare(args, txt, img, cfg) -> None:
+  """Whole epochs of each variant, alternating (--baseline REV's pipeline.py, ours at
+  --vs-feat-dtype, ours): rates, ratios, and whether REV's batches equal ours."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  one = dataclasses.replace(cfg, num_epochs=1)
+  variants = {}
+  if args.baseline:
+    old = pipeline_at(args.baseline)
+    variants[args.baseline] = lambda: old.InputPipeline(
+        txt, img, config=old.PipelineConfig(**dataclasses.asdict(one)), process_index=0,
+        process_count=1)
+  if args.vs_feat_dtype:
+    variants[f"ours {args.vs_feat_dtype}"] = lambda: InputPipeline(
+        txt, img, config=dataclasses.replace(one, feat_dtype=args.vs_feat_dtype),
+        process_index=0, process_count=1)
+  variants[f"ours {cfg.feat_dtype}"] = lambda: InputPipeline(txt, img, config=one,
+                                                             process_index=0, process_count=1)
+  cores = len(os.sched_getaffinity(0))
+  rates: dict = {k: [] for k in variants}
+  per_cpu: dict = {k: [] for k in variants}
+  first: dict = {}
+  for r in range(args.rounds + 1):  # round 0 warms the page cache and TF; not counted
+    for name, make in variants.items():
+      rate, cpu_rate, n, batches = epoch_rate(make)
+      if r:
+        rates[name].append(rate)
+        per_cpu[name].append(cpu_rate)
+      first.setdefault(name, batches)
+  print(f"\n{cores} core(s) (affinity {sorted(os.sched_getaffinity(0))}), load "
+        f"{os.getloadavg()[0]:.1f}, {args.rounds} alternating epochs of {n} examples each:")
+  ours = np.median(rates[f"ours {cfg.feat_dtype}"])
+  ours_cpu = np.median(per_cpu[f"ours {cfg.feat_dtype}"])
+  for name, rs in rates.items():
+    cpu = np.median(per_cpu[name])
+    print(f"  {name:>16}: {np.median(rs):5.0f} examples/s ({np.median(rs) / cores:.0f} per core; "
+          f"epochs {', '.join(f'{x:.0f}' for x in rs)}), {cpu:.0f} per CPU second; "
+          f"ours {cfg.feat_dtype} / this: {ours / np.median(rs):.2f}x wall, "
+          f"{ours_cpu / cpu:.2f}x CPU")
+  if args.baseline:
+    a, b = first[args.baseline], first[f"ours {cfg.feat_dtype}"]
+    same = len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    print(f"  batches of {args.baseline} and ours equal: {same}")
+
+
 def main(argv: list[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--text-dir", nargs="*", default=None)
@@ -103,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--accelerator-tflops", type=float, default=989.0,
                   help="peak dense bf16 TFLOP/s of the accelerator to feed (H100: 989)")
   ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
+  ap.add_argument("--baseline", default="", help="a git revision: measure its pipeline.py and "
+                  "ours side by side (whole epochs, alternating) instead")
+  ap.add_argument("--vs-feat-dtype", default="", help="also measure ours with this feat_dtype "
+                  "(e.g. float32), alternating")
+  ap.add_argument("--rounds", type=int, default=3, help="--baseline: epochs per variant")
   args = ap.parse_args(argv)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
       print(f"synthetic data written in {time.time() - t0:.1f}s")
     cfg = PipelineConfig(token_budget=args.token_budget, feat_dtype=args.feat_dtype, window_shards=args.window_shards,
                          txt_buckets=(24, 40, 64), img_buckets=(36, 64, 100))
+    if args.baseline or args.vs_feat_dtype:
+      compare(args, txt, img, cfg)
+      return
     t0 = time.time()
     pipe = InputPipeline(txt, img, config=cfg, process_index=0, process_count=1)
     print(f"pipeline built in {time.time() - t0:.1f}s\n{pipe.report()}")
@@ -130,8 +224,10 @@ def main(argv: list[str] | None = None) -> None:
       n_bytes += sum(v.nbytes for v in b.values())
     dt = time.perf_counter() - t0
   rate = n_ex / dt
-  print(f"\ninput pipeline: {rate:.0f} examples/s, {n_bytes / dt / 2**20:.0f} MB/s of batch arrays "
-        f"({args.batches} batches, {os.cpu_count()} CPU cores, feat_dtype {args.feat_dtype})")
+  cores = len(os.sched_getaffinity(0))
+  print(f"\ninput pipeline: {rate:.0f} examples/s ({rate / cores:.0f} per core), "
+        f"{n_bytes / dt / 2**20:.0f} MB/s of batch arrays ({args.batches} batches, {cores} of "
+        f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}, feat_dtype {args.feat_dtype})")
   if args.step_examples_per_s > 0:
     step_rate, how = args.step_examples_per_s, "measured"
   else:

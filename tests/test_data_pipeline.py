@@ -88,6 +88,8 @@ def test_batches_shapes_shardings_join_and_epoch(data, mesh8):
     assert batch["img_soft_labels"].shape == (b, li, C)
     assert batch["input_ids"].dtype == np.int32 and batch["img_ids"].shape == (b,)
     assert batch["labels"].shape == (b, 2) and batch["target"].dtype == np.int32
+    # What a trainer compiles its step for ahead of the data (train.abstract_step_batches).
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == pipe.batch_spec(b, lt, li)
     for v in batch.values():
       assert isinstance(v, jax.Array)
       assert v.sharding.spec[0] == ("data", "fsdp")  # batch dim over both data-parallel axes
@@ -109,6 +111,8 @@ def test_batches_shapes_shardings_join_and_epoch(data, mesh8):
       assert nb["img_mask"][r].sum() == n
       np.testing.assert_allclose(nb["img_feat"][r, :n], img["features"][:n].astype(np.float16))
       assert (nb["img_feat"][r, n:] == 0).all()
+      np.testing.assert_array_equal(nb["img_soft_labels"][r, :n], img["soft_labels"][:n].astype(np.float16))
+      assert (nb["img_soft_labels"][r, n:] == 0).all() and (nb["img_pos"][r, n:] == 0).all()
       np.testing.assert_allclose(nb["img_pos"][r, :n, :6], img["norm_bb"][:n], rtol=1e-6)
       np.testing.assert_allclose(nb["img_pos"][r, :n, 6], img["norm_bb"][:n, 4] * img["norm_bb"][:n, 5], rtol=1e-5)
       assert nb["img_ids"][r] == image_hash([t["image_id"]])
@@ -123,10 +127,28 @@ def test_batches_shapes_shardings_join_and_epoch(data, mesh8):
 
 def test_train_epoch_drops_only_partial_batches(data):
   pipe = _pipe(data)
-  seen = [int(j) for b in pipe.host_batches() for j in b["example_index"]]
+  batches = list(pipe.host_batches())
+  # The buckets an epoch has batches of (those a trainer compiles its step for at start-up).
+  assert {(b["input_ids"].shape[0], b["input_ids"].shape[1], b["img_feat"].shape[1])
+          for b in batches} == set(pipe.produced_shapes())
+  seen = [int(j) for b in batches for j in b["example_index"]]
   assert len(seen) == len(set(seen)) and min(seen) >= 0  # no duplicates, no padding rows
   assert N_TXT - len(seen) < 16 * len(pipe.shapes())  # at most one partial batch per bucket
   assert len(seen) == 16 * pipe.steps_per_epoch
+
+
+def test_regions_beyond_the_largest_bucket_are_cut(data):
+  """Images with more regions than the largest bucket keep their first ones, in order."""
+  pipe = _pipe(data, img_buckets=(8, 16), feat_dtype="float16")
+  for b in pipe.host_batches():
+    for r, j in enumerate(b["example_index"]):
+      img = data["images"][data["texts"][j]["image_id"]]
+      n = min(len(img["features"]), 16)
+      assert b["img_mask"][r].sum() == n and b["img_feat"].shape[1] >= n
+      np.testing.assert_array_equal(b["img_feat"][r, :n], img["features"][:n].astype(np.float16))
+      assert (b["img_feat"][r, n:] == 0).all()
+  assert pipe.stats["regions_truncated"] == sum(len(data["images"][t["image_id"]]["features"]) > 16
+                                                for t in data["texts"])
 
 
 def test_token_budget_batch_sizes(data, mesh8):
@@ -228,6 +250,8 @@ def test_two_images_per_text(tmp_path):
   seen = []
   for b in pipe.host_batches():
     assert b["img_feat"].shape[1] == 2 and b["img_mask"].shape[1] == 2
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == pipe.batch_spec(
+        b["input_ids"].shape[0], b["input_ids"].shape[1], b["img_feat"].shape[2])
     for r, j in enumerate(b["example_index"]):
       if j < 0:
         continue

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uniter_jax import checkpointing, exporting, files, flops as flops_lib
+from uniter_jax import checkpointing, compile_ahead, exporting, files, flops as flops_lib
 from uniter_jax import metrics as metrics_lib, optim
 from uniter_jax import pytree, sharding, tasks
 from uniter_jax import train_step as step_lib
@@ -122,7 +122,8 @@ def make_optimizer(config, abstract_params):
   return optim.make_optimizer(
       abstract_params, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps,
       b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-      lr_mul=o.lr_mul.to_dict(), mu_dtype=o.mu_dtype or None)
+      lr_mul=o.lr_mul.to_dict(), mu_dtype=o.mu_dtype or None,
+      decay_start=int(o.get("decay_start", 0)))
 
 
 def state_shardings(abstract_state, mesh, rules):
@@ -232,6 +233,24 @@ def stack_microbatches(batches: list[dict]) -> dict:
     return jnp.pad(x, widths)
 
   return {k: jnp.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}
+
+
+def abstract_step_batches(task, pipe, pool_pipe, accum_steps: int, mesh, rules) -> list[dict]:
+  """The step batches (jax.ShapeDtypeStruct with the step's input shardings) of every shape
+  the trainer can feed its step: the pipeline's produced buckets (closed under the micro-batch
+  padding when accumulating), each with the pool stream's fields when there is one."""
+  micro = accum_steps > 1
+  lead = (accum_steps,) if micro else ()
+  pool = task.step_fields(pool_pipe.batch_spec(*pool_pipe.shapes()[0])) if pool_pipe else {}
+  out = []
+  for shape in compile_ahead.step_shapes(pipe.produced_shapes(), accum_steps):
+    spec = dict(task.step_fields(pipe.batch_spec(*shape)))
+    spec.update({POOL_PREFIX + k: v for k, v in pool.items()})
+    # The jit's own input shardings: its cache key holds them, as the real batches do.
+    sh = batch_shardings(spec, mesh, rules, micro)
+    out.append({k: jax.ShapeDtypeStruct((*lead, *s), d, sharding=sh[k])
+                for k, (s, d) in spec.items()})
+  return out
 
 
 def batch_shardings(batch: dict, mesh, rules, micro: bool) -> dict:
@@ -479,12 +498,21 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
   jitted: dict = {}
 
   def get_step(batch):
-    key = tuple(batch.keys())
+    key = tuple(sorted(batch.keys()))
     if key not in jitted:
       jitted[key] = jax.jit(step_fn, in_shardings=(shardings,
                                                    batch_shardings(batch, mesh, rules, micro)),
                             out_shardings=(shardings, None), donate_argnums=(0,))
     return jitted[key]
+
+  def compile_all_steps(state) -> None:
+    """Compiles the step for every shape the data can yield (config.compile_ahead), so that
+    no bucket met mid-run stalls training; one terminal line says what it cost."""
+    jobs = [(get_step(b), (state, b)) for b in abstract_step_batches(
+        task, pipe, pool_pipe or None, config.grad_accum_steps, mesh, rules)]
+    seconds, counted = compile_ahead.compile_steps(jobs)
+    say("compiled %d step shapes in %.0f s (cache hits: %d)", len(jobs), seconds,
+        counted.cache_hits)
 
   def mean_update_flops(batch) -> float:
     """XLA's FLOPs per update (unscanned copy, each branch alone), averaged over the mix."""
@@ -538,14 +566,17 @@ def train_and_evaluate(config, workdir: str, *, mode: str = "train",
 
   with _Preemption() as preempt, jax.set_mesh(mesh):
     try:
+      if config.get("compile_ahead", False):
+        compile_all_steps(state)
       while step < config.total_steps:
         group_batches = [step_batch() for _ in range(config.grad_accum_steps)]
         batch = stack_microbatches(group_batches)
         fn = get_step(batch)
         if flops_per_step is None:
-          t0 = time.time()
-          fn.lower(state, batch).compile()
-          say("compiled the train step in %.1fs", time.time() - t0)
+          if not config.get("compile_ahead", False):
+            t0 = time.time()
+            fn.lower(state, batch).compile()
+            say("compiled the train step in %.1fs", time.time() - t0)
           flops_per_step = 0.0
           if peak:  # MFU needs the device's peak; counting costs a lowering per branch
             flops_per_step = mean_update_flops(batch)

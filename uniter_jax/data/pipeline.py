@@ -171,6 +171,30 @@ class InputPipeline:
     """Static (global batch, Lt, Li) of every bucket: the shapes the train step compiles for."""
     return describe_shapes(self.planner)
 
+  def produced_shapes(self) -> list[tuple[int, int, int]]:
+    """The bucket shapes this pipeline's batches have (buckets with batches in an epoch)."""
+    counts = self.planner.batches_per_bucket()
+    return [s for s, n in zip(self.shapes(), counts) if n > 0]
+
+  def batch_spec(self, batch_size: int, txt_len: int, num_regions: int) -> dict[str, tuple]:
+    """{field: (global shape, dtype)} of the batches of one bucket, as the iterator yields
+    them (the module docstring's fields); lets a trainer compile its step before any batch."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    p, b = self.planner, batch_size
+    k = p.images_per_text or 1
+    img = (b,) if k == 1 else (b, k)  # NLVR2: an image axis
+    feat = jnp.dtype(self.config.feat_dtype)  # bfloat16 too
+    i32, f32, bool_ = np.dtype(np.int32), np.dtype(np.float32), np.dtype(bool)
+    out = {"input_ids": ((b, txt_len), i32), "txt_mask": ((b, txt_len), bool_),
+           "img_feat": ((*img, num_regions, p.feat_dim), feat),
+           "img_pos": ((*img, num_regions, 7), f32), "img_mask": ((*img, num_regions), bool_),
+           "img_ids": ((b,), i32), "example_index": ((b,), i32)}
+    if self.soft_labels:
+      out["img_soft_labels"] = ((*img, num_regions, p.label_dim), feat)
+    for name, arr in self.field_arrays.items():
+      out[name] = ((b, *arr.shape[1:]), arr.dtype)
+    return out
+
   def state(self) -> dict:
     """Position after the last batch handed out; JSON-serialisable, save it with the checkpoint."""
     return {"epoch": self._epoch, "step": self._step, "fingerprint": self._fp,
@@ -221,7 +245,8 @@ class InputPipeline:
     for s in shard_ids:
       offsets[s] = acc
       acc += len(p.shards[s].image_ids)
-    rows = np.where(real[:, None], offsets[p.text_shard[tj]] + p.text_row[tj], 0)
+    # Padding rows (eval) read row `acc`: the all-zero image appended to the window's tables.
+    rows = np.where(real[:, None], offsets[p.text_shard[tj]] + p.text_row[tj], acc)
     nbb = np.where(real[:, None], np.minimum(p.text_nbb[tj], p.img_buckets[-1]), 0).astype(np.int32)
     lens = np.where(real, np.minimum(p.text_len[tj], self.config.max_txt_len) + 2, 0).astype(np.int32)
     width = int(max(lens.max(initial=0), 2))
@@ -297,27 +322,46 @@ class InputPipeline:
         lambda: self._windows(epoch, start_step, host), output_signature=self._signature(tf)
     )
 
+    imax = p.img_buckets[-1]
+
+    def region_table(raw, width, dtype):
+      """A window's images decoded at once, (images + 1, imax, width): each record zero-padded
+      (or truncated) to imax regions, plus an all-zero image for padding rows. Per text, the
+      join is then one slice; decoding each text's image record was ~75% of an epoch (each
+      image decoded once per caption; benchmarks/RESULTS.md)."""
+      raw = tf.concat([raw, [b""]], 0)
+      item = tf.uint16 if dtype == tf.float16 else dtype  # fixed-length decode has no float16
+      x = tf.io.decode_raw(raw, item, fixed_length=imax * width * dtype.size)
+      x = tf.reshape(x, [-1, imax, width])
+      return tf.bitcast(x, dtype) if item != dtype else x
+
     def load_window(w):
+      """A window's texts and its image tables (read, parsed and decoded)."""
       serialized = tf.data.TFRecordDataset(w["files"]).batch(1 << 30).get_single_element()
       images = tf.io.parse_example(serialized, spec)
-      texts = {key: v for key, v in w.items() if key != "files"}
+      tables = {"features": region_table(images["features"], d, tf.float16),
+                "img_pos": region_table(images["img_pos"], 7, tf.float32)}
+      if soft:
+        tables["soft_labels"] = region_table(images["soft_labels"], ncls, tf.float16)
+      return {key: v for key, v in w.items() if key != "files"}, tables
 
-      def region_block(raw, row, n, li, width, dtype, out_dtype):
-        x = tf.reshape(tf.io.decode_raw(raw[row], dtype), [-1, width])[:n]
-        x = tf.cast(x, out_dtype)
-        return tf.pad(x, [[0, li - n], [0, 0]])
+    def window_examples(texts, tables):
+      """The window's texts, each joined with its image's regions and padded to its bucket."""
+      feat_table, pos_table = tables["features"], tables["img_pos"]
+      soft_table = tables.get("soft_labels")
 
       def join(ex):
         b = tf.cast(ex["key"] % nb, tf.int32)
         lt, li = txt_sizes[b], img_sizes[b]
         feats, poss, masks, softs = [], [], [], []
         for s in range(k):
-          row, n = ex["img_row"][s], ex["nbb"][s]
-          feats.append(region_block(images["features"], row, n, li, d, tf.float16, feat_dtype))
-          poss.append(region_block(images["img_pos"], row, n, li, 7, tf.float32, tf.float32))
+          # Regions n..li of the slice are zero: n = min(boxes, imax), and li >= n.
+          row, n = tf.cast(ex["img_row"][s], tf.int32), ex["nbb"][s]
+          feats.append(tf.cast(feat_table[row, :li], feat_dtype))
+          poss.append(pos_table[row, :li])
           masks.append(tf.range(li) < n)
           if soft:
-            softs.append(region_block(images["soft_labels"], row, n, li, ncls, tf.float16, feat_dtype))
+            softs.append(tf.cast(soft_table[row, :li], feat_dtype))
         pick = (lambda xs: xs[0]) if k == 1 else tf.stack
         ids = ex["input_ids"][:lt]
         out = {
@@ -334,7 +378,11 @@ class InputPipeline:
 
       return tf.data.Dataset.from_tensor_slices(texts).map(join, num_parallel_calls=tf.data.AUTOTUNE)
 
-    ds = windows.interleave(load_window, cycle_length=1, num_parallel_calls=tf.data.AUTOTUNE)
+    # The next window loads (reads, parses, decodes: ~40% of one core's time) on its own thread
+    # while this one's texts are joined, so the joins on other cores need not wait for it; one
+    # window ahead, so two windows' tables are in memory (benchmarks/RESULTS.md).
+    ds = windows.map(load_window, num_parallel_calls=1, deterministic=True)
+    ds = ds.interleave(window_examples, cycle_length=1, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.group_by_window(
         key_func=lambda ex: ex["key"],
         reduce_func=lambda key, win: win.batch(local_bs[key % nb]),

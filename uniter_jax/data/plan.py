@@ -367,6 +367,12 @@ class Planner:
     """Global steps per epoch (the same every epoch: bucket counts do not depend on the order)."""
     return self.plan(0, 0).steps
 
+  def batches_per_bucket(self) -> np.ndarray:
+    """Global batches of each bucket per epoch (the same every epoch); 0 = a bucket with too
+    few texts for one batch, whose shape no step ever has."""
+    keys = np.unique(self.plan(0, 0).ex_key)  # one key per batch: every step is on every host
+    return np.bincount(keys % self.num_buckets, minlength=self.num_buckets)
+
 
 def describe_shapes(planner: Planner) -> list[tuple[int, int, int]]:
   """(global batch, Lt, Li) of every bucket, the static shapes the step compiles for."""
