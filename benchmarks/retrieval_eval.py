@@ -47,6 +47,8 @@ from uniter_jax.models import UniterConfig, registry  # noqa: E402
 from uniter_jax.tasks import retrieval_rerank as rerank  # noqa: E402
 from uniter_jax.tasks import retrieval_scores as scoring  # noqa: E402
 
+import official  # noqa: E402  (benchmarks/official.py)
+
 TEST_SETS = {"flickr30k_test": (5000, 1000), "coco_5k_test": (25000, 5000)}
 
 
@@ -97,45 +99,17 @@ def bench(size: str, dtype: str, n_txt: int, n_img: int, bt: int, bi: int, lt: i
 
 # -- side by side with the official PyTorch code ------------------------------------------------
 
-def official_module(src: str):
-  """The official model/itm.py module imported from `src` (apex's FusedLayerNorm -> torch's
-  LayerNorm, the same math; apex is a CUDA extension)."""
-  import types
-
-  import torch
-  if not os.path.isdir(os.path.join(src, "model")):
-    raise SystemExit(f"--official {src}: no model/ folder there; point it at a checkout of "
-                     "ChenRocks/UNITER")
-  try:
-    import apex.normalization.fused_layer_norm  # noqa: F401
-  except ImportError:
-    for name in ("apex", "apex.normalization", "apex.normalization.fused_layer_norm"):
-      sys.modules[name] = types.ModuleType(name)
-    sys.modules["apex.normalization.fused_layer_norm"].FusedLayerNorm = torch.nn.LayerNorm
-  sys.path.insert(0, os.path.abspath(src))
-  import model.itm as itm  # noqa: E402  (the official package)
-  import model.model as official_model  # noqa: E402
-  return itm, official_model
-
-
 def official_and_ours(src: str, cfg: UniterConfig, seed: int = 0):
   """(official torch model, our model) with the same weights (the official init)."""
-  import torch
-
   from uniter_jax.interop import load_official_checkpoint
-  itm, om = official_module(src)
+  torch = official.require_torch()
+  off = official.import_official(src)
   torch.manual_seed(seed)
-  ocfg = om.UniterConfig(cfg.vocab_size, hidden_size=cfg.hidden_size,
-                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         intermediate_size=cfg.intermediate_size,
-                         max_position_embeddings=cfg.max_position_embeddings,
-                         type_vocab_size=cfg.type_vocab_size,
-                         initializer_range=cfg.initializer_range)
-  ref = itm.UniterForImageTextRetrieval(ocfg, cfg.img_dim, margin=0.2)
+  ocfg = official.official_config(off, cfg)
+  ref = off.itm.UniterForImageTextRetrieval(ocfg, cfg.img_dim, margin=0.2)
   ref.init_output()
   ref.eval()
-  tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-  ours = load_official_checkpoint(tensors, cfg, task="itr")
+  ours = load_official_checkpoint(official.state_dict_numpy(ref), cfg, task="itr")
   return ref, ours
 
 
@@ -163,19 +137,8 @@ def official_scores(ref, texts: dict, images: dict, mini: int) -> np.ndarray:
   return out
 
 
-def matmul_probe(seconds: float = 1.0, n: int = 1024) -> float:
-  """Sustained fp32 GFLOP/s of torch.mm at the current thread setting (host load check)."""
-  import torch
-  x, y = torch.randn(n, n), torch.randn(n, n)
-  k, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < seconds:
-    torch.mm(x, y)
-    k += 1
-  return 2.0 * n ** 3 * k / (time.perf_counter() - t0) / 1e9
-
-
 def side_by_side(a) -> dict:
-  import torch
+  torch = official.require_torch()
   torch.set_num_threads(1)
   size = a.sizes.split(",")[0]
   cfg = UniterConfig.preset(size, remat_policy=None)
@@ -204,7 +167,7 @@ def side_by_side(a) -> dict:
     got = {k: f() for k, f in runs.items()}  # warm-up: compiles every width once
     warm_s = time.time() - t0
     for _ in range(a.rounds):
-      probes.append(round(matmul_probe(), 1))
+      probes.append(round(official.torch_matmul_gflops(), 1))
       for k, f in runs.items():
         t0 = time.perf_counter()
         f()

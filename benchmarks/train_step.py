@@ -78,8 +78,13 @@ def make_batch(cfg: UniterConfig, b: int, lt: int, li: int, key) -> dict:
   }
 
 
-def bench(size: str, batch: int, steps: int, dtype: str, lt: int, li: int, solver: str,
+def build(size: str, batch: int, dtype: str, lt: int, li: int, solver: str,
           mix: dict | None = None, heads: str = "masked") -> dict:
+  """The trainer's pretraining step for `mix`, compiled for one batch made on device.
+
+  Returns {"step": compiled (state, batch) -> (state, metrics) with the state donated,
+  "state", "batch", "mesh", "cfg", "tx", "objective", "rules", "mix", "compile_s"}.
+  """
   cfg = model_config(size, dtype=dtype, max_position_embeddings=max(64, lt), remat_policy=None)
   mix = dict(mix or MIX)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
@@ -103,6 +108,17 @@ def bench(size: str, batch: int, steps: int, dtype: str, lt: int, li: int, solve
     t0 = time.perf_counter()
     compiled = fn.lower(state, b).compile()
     compile_s = time.perf_counter() - t0
+  return {"step": compiled, "state": state, "batch": b, "mesh": mesh, "cfg": cfg, "tx": tx,
+          "objective": objective, "rules": rules, "mix": mix, "compile_s": compile_s}
+
+
+def bench(size: str, batch: int, steps: int, dtype: str, lt: int, li: int, solver: str,
+          mix: dict | None = None, heads: str = "masked") -> dict:
+  built = build(size, batch, dtype, lt, li, solver, mix, heads)
+  compiled, state, b, mesh = built["step"], built["state"], built["batch"], built["mesh"]
+  cfg, tx, objective, rules, mix = (built[k] for k in ("cfg", "tx", "objective", "rules", "mix"))
+  compile_s = built["compile_s"]
+  with jax.set_mesh(mesh):
     state, m = compiled(state, b)
     jax.block_until_ready(m)
     t0, c0 = time.perf_counter(), time.process_time()
