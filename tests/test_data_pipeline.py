@@ -157,6 +157,27 @@ def test_token_budget_batch_sizes(data, mesh8):
     assert b % 8 == 0 and b * (lt + li) <= 2048 and (b + 8) * (lt + li) > 2048
 
 
+def test_step_groups_keep_one_bucket_per_update(data):
+  """step_group=k (the trainer's grad_accum_steps): steps come in runs of k batches of one
+  bucket, so an update's micro-batches share a batch size under a token budget; the runs hold
+  the same batches as step_group=1 (each bucket's count cut to a multiple of k)."""
+  kw = dict(batch_size=None, token_budget=1024)
+  one = [_np(b) for b in _pipe(data, **kw).host_batches()]
+  pipe = _pipe(data, step_group=3, **kw)
+  three = [_np(b) for b in pipe.host_batches()]
+  shape = lambda b: (b["input_ids"].shape, b["img_feat"].shape[1])  # noqa: E731
+  assert len({b["input_ids"].shape[0] for b in one}) > 1  # buckets differ in batch size
+  assert len(three) == pipe.steps_per_epoch and len(three) % 3 == 0
+  for g in range(0, len(three), 3):
+    assert len({shape(b) for b in three[g:g + 3]}) == 1, g
+  by_shape = lambda bs: {s: sorted(tuple(b["example_index"]) for b in bs if shape(b) == s)  # noqa: E731
+                         for s in {shape(b) for b in bs}}
+  first, grouped = by_shape(one), by_shape(three)
+  for s, batches in grouped.items():
+    assert len(batches) == len(first[s]) // 3 * 3
+    assert set(batches) <= set(first[s])
+
+
 def test_deterministic_and_seed_dependent(data):
   a = [b["example_index"] for b in _pipe(data, num_epochs=2).host_batches()]
   b = [b["example_index"] for b in _pipe(data, num_epochs=2).host_batches()]

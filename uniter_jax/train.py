@@ -79,6 +79,8 @@ def make_pipeline(config, text_dirs, image_dirs, mesh, rules, *, model_cfg: Unit
       txt_buckets=tuple(d.txt_buckets), img_buckets=tuple(d.img_buckets),
       token_budget=d.token_budget or 16384, batch_size=d.batch_size or None,
       max_txt_len=d.max_txt_len, seed=seed, shuffle=train, drop_remainder=True,
+      # An update stacks grad_accum_steps micro-batches: one bucket each, so one batch size.
+      step_group=config.grad_accum_steps if train else 1,
       feat_dtype=d.feat_dtype, img_dim=model_cfg.img_dim, vocab_size=model_cfg.vocab_size,
       vocab_hash=vocab_hash, soft_labels=soft_labels, batch_axes=sharding.batch_axes(rules),
       # The same global batches on any process count dividing it (docs/multihost.md).

@@ -50,6 +50,7 @@ class PipelineConfig:
   seed: int = 0
   shuffle: bool = True
   drop_remainder: bool = True  # False (eval): pad each bucket's last batch with empty rows
+  step_group: int = 1  # steps in runs of this many batches of one bucket (gradient accumulation)
   num_epochs: int | None = None  # None: repeat forever
   window_shards: int = 2  # image shards held in memory and mixed together, per host
   feat_dtype: str = "float32"  # float32, bfloat16 or float16 (as stored, cheapest to transfer)
@@ -114,7 +115,7 @@ class InputPipeline:
         batch_sizes=None if c.batch_size is None else collections.defaultdict(lambda: c.batch_size),
         token_budget=c.token_budget, batch_multiple=multiple, max_txt_len=c.max_txt_len,
         num_hosts=self.plan_hosts, window_shards=c.window_shards, shuffle=c.shuffle,
-        drop_remainder=c.drop_remainder, seed=c.seed, img_dim=c.img_dim, vocab_size=c.vocab_size,
+        drop_remainder=c.drop_remainder, step_group=c.step_group, seed=c.seed, img_dim=c.img_dim, vocab_size=c.vocab_size,
         vocab_hash=c.vocab_hash, strict=c.strict,
     )
     p = self.planner
@@ -124,7 +125,9 @@ class InputPipeline:
     self.cls_id, self.sep_id = int(p.tokenizer["cls_id"]), int(p.tokenizer["sep_id"])
     self._prepare_fields()
     self._fp = _fingerprint({
-        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("prefetch", "plan_hosts")},
+        # (step_group 1, the default, left out: states saved before it existed still match)
+        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("prefetch", "plan_hosts")
+                   and not (k == "step_group" and v == 1)},
         "texts": len(p.text_ids), "shards": [s.path.rsplit("/", 2)[-2:] for s in p.shards],
         "hosts": self.plan_hosts,  # the resolved value (the config's may be None)
     })

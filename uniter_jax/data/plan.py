@@ -83,6 +83,7 @@ class Planner:
       window_shards: int = 2,
       shuffle: bool = True,
       drop_remainder: bool = True,
+      step_group: int = 1,
       seed: int = 0,
       img_dim: int | None = None,
       vocab_size: int | None = None,
@@ -100,6 +101,10 @@ class Planner:
     self.window_shards = max(1, window_shards)
     self.shuffle = shuffle
     self.drop_remainder = drop_remainder
+    # Steps come in runs of step_group batches of one bucket (each bucket's batch count cut to
+    # a multiple of it): the trainer stacks that many micro-batches into one update, and
+    # buckets differ in batch size under a token budget.
+    self.step_group = max(1, int(step_group))
     self.seed = seed
     self.max_txt_len = max_txt_len
     self.strict = strict
@@ -323,6 +328,8 @@ class Planner:
       nbatch = (counts // local_bs).min(axis=0)
     else:
       nbatch = (-(-counts // local_bs)).max(axis=0)
+    g = self.step_group
+    nbatch = nbatch // g * g
     # Completion position of batch i of bucket b: its last element's stream position, max over
     # hosts; a batch that eval padding completes counts as completing after the stream's end.
     comp = [np.full((int(nbatch[b]),), -1.0) for b in range(nb)]
@@ -335,11 +342,15 @@ class Planner:
           continue
         p = np.where(ends < idx.size, idx[np.minimum(ends, max(idx.size - 1, 0))] if idx.size else 0, len(texts) + ends)
         comp[b] = np.maximum(comp[b], p)
-    batches = [(b, i, comp[b][i]) for b in range(nb) for i in range(int(nbatch[b]))]
-    batches.sort(key=lambda x: (x[2], x[0], x[1]))
+    # Steps in the order their batches complete; with step_group g, the order of runs of g
+    # consecutive batches of a bucket, each run placed when its last batch completes.
+    runs = [(b, r, comp[b][r * g:(r + 1) * g].max()) for b in range(nb)
+            for r in range(int(nbatch[b]) // g)]
+    runs.sort(key=lambda x: (x[2], x[0], x[1]))
+    batches = [(b, r * g + j) for b, r, _ in runs for j in range(g)]
     offset = np.concatenate([[0], np.cumsum(nbatch)]).astype(np.int64)
     step_tab = np.zeros((int(offset[-1]),), np.int64)  # step of batch i of bucket b at offset[b] + i
-    for t, (b, i, _) in enumerate(batches):
+    for t, (b, i) in enumerate(batches):
       step_tab[offset[b] + i] = t
     # This host's examples with their keys; drop what no step uses; pad eval batches.
     windows, texts, wins = streams[host]
