@@ -25,25 +25,6 @@ _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
-def step_shapes(bucket_shapes: Sequence[tuple[int, int, int]],
-                accum_steps: int = 1) -> list[tuple[int, int, int]]:
-  """(global batch, Lt, Li) of every step a run can take, sorted.
-
-  One micro-batch per update: the buckets themselves. With accum_steps > 1 the trainer pads
-  each update's micro-batches to their longest Lt and Li (train.stack_microbatches), so any
-  pair of buckets of one batch size may meet: the shapes closed under element-wise max.
-  """
-  shapes = set(bucket_shapes)
-  if accum_steps > 1:
-    grown = True
-    while grown:
-      new = {(b, max(lt, lt2), max(li, li2)) for b, lt, li in shapes
-             for b2, lt2, li2 in shapes if b == b2}
-      grown = not new <= shapes
-      shapes |= new
-  return sorted(shapes)
-
-
 @dataclasses.dataclass
 class CompileCounter:
   """Counts XLA compilations (by jitted function name) and persistent-cache hits while open.

@@ -239,13 +239,13 @@ def stack_microbatches(batches: list[dict]) -> dict:
 
 def abstract_step_batches(task, pipe, pool_pipe, accum_steps: int, mesh, rules) -> list[dict]:
   """The step batches (jax.ShapeDtypeStruct with the step's input shardings) of every shape
-  the trainer can feed its step: the pipeline's produced buckets (closed under the micro-batch
-  padding when accumulating), each with the pool stream's fields when there is one."""
+  the trainer can feed its step: the pipeline's produced buckets (an update's micro-batches are
+  of one bucket: PipelineConfig.step_group), each with the pool stream's fields if any."""
   micro = accum_steps > 1
   lead = (accum_steps,) if micro else ()
   pool = task.step_fields(pool_pipe.batch_spec(*pool_pipe.shapes()[0])) if pool_pipe else {}
   out = []
-  for shape in compile_ahead.step_shapes(pipe.produced_shapes(), accum_steps):
+  for shape in sorted(pipe.produced_shapes()):
     spec = dict(task.step_fields(pipe.batch_spec(*shape)))
     spec.update({POOL_PREFIX + k: v for k, v in pool.items()})
     # The jit's own input shardings: its cache key holds them, as the real batches do.

@@ -342,6 +342,17 @@ class InputPipeline:
       """A window's texts and its image tables (read, parsed and decoded)."""
       serialized = tf.data.TFRecordDataset(w["files"]).batch(1 << 30).get_single_element()
       images = tf.io.parse_example(serialized, spec)
+      # Every record's arrays hold whole rows of one region count (a record of another width,
+      # say features from another extractor, fails here; the error handler names its shard):
+      # the fixed-length decode below would pad or cut it silently.
+      sizes = {"features": d * 2, "img_pos": 7 * 4, **({"soft_labels": ncls * 2} if soft else {})}
+      lengths = {key: tf.strings.length(images[key]) for key in sizes}
+      regions = lengths["img_pos"] // sizes["img_pos"]
+      checks = [tf.debugging.assert_equal(lengths[key], regions * size,
+                                          message=f"image record {key}: not whole rows")
+                for key, size in sizes.items()]
+      with tf.control_dependencies(checks):
+        images = {key: tf.identity(v) for key, v in images.items()}
       tables = {"features": region_table(images["features"], d, tf.float16),
                 "img_pos": region_table(images["img_pos"], 7, tf.float32)}
       if soft:
