@@ -47,6 +47,16 @@ def thread_flags(threads: int) -> str:
   return flags.strip()
 
 
+def threads_arg(argv: list[str], default: int = 1) -> int:
+  """--threads from a command line, read before jax is imported (XLA reads its flags once)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--threads="):
+      return int(a.split("=", 1)[1])
+    if a == "--threads" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return default
+
+
 def import_official(src: str) -> types.SimpleNamespace:
   """The official modules imported from `src`: model.{model, pretrain, itm, ot}, and
   optim.misc (its AdamW and parameter groups) or None when `src` has no optim/ folder."""

@@ -49,18 +49,7 @@ import numpy as np  # noqa: E402
 
 import official  # noqa: E402  (benchmarks/official.py: imports no jax)
 
-
-def _threads_arg(argv: list[str]) -> int:
-  """--threads from the command line, read before jax is imported (XLA reads its flags once)."""
-  for i, a in enumerate(argv):
-    if a.startswith("--threads="):
-      return int(a.split("=", 1)[1])
-    if a == "--threads" and i + 1 < len(argv):
-      return int(argv[i + 1])
-  return 1
-
-
-os.environ["XLA_FLAGS"] = official.thread_flags(_threads_arg(sys.argv))
+os.environ["XLA_FLAGS"] = official.thread_flags(official.threads_arg(sys.argv))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

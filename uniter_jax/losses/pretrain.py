@@ -45,10 +45,16 @@ def mlm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
   """Cross-entropy averaged over target tokens (labels != -1). logits (..., V)."""
   logits = logits.astype(jnp.float32)
   valid = labels != -1
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  # One max and one exp-sum over the vocabulary, no (..., V) log-probabilities and no argmax:
+  # the loss, its gradient and the accuracy of 416 x 28996 logits take 0.42x the time of
+  # log_softmax + argmax on one CPU thread, same values. A target tied with the maximum
+  # counts as correct (argmax would pick the first; ties have measure zero).
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), -1))
+  target = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  nll = lse - target
   n = _count(valid)
-  correct = (jnp.argmax(logits, -1) == labels) & valid
+  correct = (target >= top) & valid
   return {"loss": jnp.sum(jnp.where(valid, nll, 0.0)) / n, "num_targets": valid.sum(),
           "accuracy": correct.sum() / n}
 
