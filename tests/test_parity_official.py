@@ -23,8 +23,10 @@ from uniter_jax import interop, tasks
 from uniter_jax.losses import pretrain_loss
 from uniter_jax.models.vqa import vqa_loss
 
-FIXTURES = sorted(p for p in (pathlib.Path(__file__).parent / "fixtures").glob("official_*")
-                  if (p / "outputs.npz").exists())
+# The tiny fixture runs by default; the larger ones (same checks at 3 layers x 96) are `-m slow`.
+FIXTURES = [pytest.param(p, marks=() if p.name == "official_tiny" else pytest.mark.slow)
+            for p in sorted(p for p in (pathlib.Path(__file__).parent / "fixtures")
+                            .glob("official_*") if (p / "outputs.npz").exists())]
 RTOL = 1e-5
 TASK_BATCH = {"mlm": "mlm", "mrfr": "mrfr", "mrc": "mrc", "mrckl": "mrc", "itm": "itm",
               "vqa": "vqa", "ve": "ve"}
@@ -62,7 +64,8 @@ def assert_grad_norms(model, grads, ref: dict, floor: float = 1e-7) -> None:
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@pytest.fixture(scope="module", params=FIXTURES, ids=lambda p: p.name.removeprefix("official_"))
+@pytest.fixture(scope="module", params=FIXTURES,
+                ids=lambda p: p.name.removeprefix("official_"))
 def fixture(request) -> pathlib.Path:
   """One official fixture folder; every test below runs once per folder."""
   return request.param
