@@ -95,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.variant == "default":
       # Not UNITER's recipe (which mixes all objectives from the start, each weighted 1), so
       # that a 10-minute run learns matching (README, *Image-text matching*): ground words
-      # first (MLM 6 : MRFR 1 : MRC-kl 1) for 400 updates, blend over 100 into MLM 1 : ITM 3
+      # first (MLM 6 : MRFR 1 : MRC-kl 1) for 400 updates, blend over 100 into MLM 2 : ITM 3
       # with paired negatives and ITM's gradients weighted 50. The encoder's gradient norm of
       # an MLM update is ~25x that of a paired ITM update (2.5 vs 0.1) and AdamW's moments are
       # shared, so unweighted (or at 10) an ITM update moves the weights far less than an MLM
@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # seeds. lr is held until update 800, then decays.
       c.pretrain.warmup_mix = ml_collections.ConfigDict({"mlm": 6.0, "mrfr": 1.0, "mrckl": 1.0})
       c.pretrain.warmup_steps, c.pretrain.ramp_steps = 400, 100
-      c.pretrain.mix = ml_collections.ConfigDict({"mlm": 1.0, "itm": 3.0})
+      c.pretrain.mix = ml_collections.ConfigDict({"mlm": 2.0, "itm": 3.0})
       c.pretrain.itm_negatives = "paired"
       c.pretrain.loss_weights = ml_collections.ConfigDict({"itm": 50.0})
       c.optimizer.decay_start = 800
