@@ -163,7 +163,7 @@ def step_table(a) -> list[dict]:
   os.environ["XLA_FLAGS"] = f"{official.thread_flags(1)} {a.xla_flags}".strip()
   import jax  # pylint: disable=import-outside-toplevel
   import train_step as bench_step  # pylint: disable=import-outside-toplevel
-  solver = "sinkhorn" if bench_step.has_ott() else "ipot"
+  solver = bench_step.usable_solver("sinkhorn")
   rows = []
   for size in a.sizes.split(","):
     for objective in a.objectives.split(","):

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import train_step as bench_step  # noqa: E402
 
 # Events that contain other ops (control flow and the executors), not work of their own.
-_CONTAINERS = ("ThunkExecutor", "cond", "while", "call", "closed_call", "conditional")
+_CONTAINERS = ("ThunkExecutor", "cond", "while", "call", "closed_call")
 
 
 def leaf_times(trace_dir: str, steps: int) -> dict[str, float]:
@@ -78,7 +78,7 @@ def main() -> None:
   p.add_argument("--trace-dir", default="", help="where the trace goes (default: a temp dir)")
   p.add_argument("--out", default="", help="write the table as JSON here")
   a = p.parse_args()
-  solver = a.ot_solver if a.ot_solver != "sinkhorn" or bench_step.has_ott() else "ipot"
+  solver = bench_step.usable_solver(a.ot_solver)
   built = bench_step.build(a.size, a.batch, a.dtype, a.txt_len, a.regions, solver,
                            {a.objective: 1.0})
   step, state, batch = built["step"], built["state"], built["batch"]

@@ -158,6 +158,16 @@ def has_ott() -> bool:
   return True
 
 
+def usable_solver(solver: str) -> str:
+  """`solver`, or "ipot" (the official algorithm, no ott-jax needed) when it is "sinkhorn" and
+  ott-jax is not installed; says so on stderr."""
+  if solver == "sinkhorn" and not has_ott():
+    print('ott-jax is not installed: ITM + WRA runs the "ipot" solver instead of "sinkhorn" '
+          "(pip install ott-jax for the default solver)", file=sys.stderr, flush=True)
+    return "ipot"
+  return solver
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="tiny,base,large")
@@ -172,12 +182,8 @@ def main() -> None:
                       'e.g. mlm,mrfr,mrckl')
   p.add_argument("--heads", default="masked", help="masked, full, or masked,full")
   a = p.parse_args()
-  solver = a.ot_solver
   mixes = [MIX] if a.objectives == "mix" else [{o: 1.0} for o in a.objectives.split(",")]
-  if solver == "sinkhorn" and any("itm" in m for m in mixes) and not has_ott():
-    print('ott-jax is not installed: ITM + WRA runs the "ipot" solver instead of "sinkhorn" '
-          "(pip install ott-jax for the default solver)", file=sys.stderr, flush=True)
-    solver = "ipot"
+  solver = usable_solver(a.ot_solver) if any("itm" in m for m in mixes) else a.ot_solver
   for size in a.sizes.split(","):
     for mix in mixes:
       rows = {}

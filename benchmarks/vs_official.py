@@ -204,10 +204,7 @@ def run_size(size: str, a, off, config) -> dict:
   torch = official.require_torch()
   cfg = bench_step.model_config(size, dtype="float32", remat_policy=None)
   p, o = config.pretrain, config.optimizer
-  solver = a.ot_solver or p.ot.solver
-  if solver == "sinkhorn" and not bench_step.has_ott():
-    print('ott-jax is not installed: our WRA runs the "ipot" solver', file=sys.stderr)
-    solver = "ipot"
+  solver = bench_step.usable_solver(a.ot_solver or p.ot.solver)
   options = dict(pretrain.ot_options(p.ot), solver=solver)
   margin = pretrain.masked_budget_margin(p)
 
