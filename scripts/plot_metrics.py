@@ -25,7 +25,9 @@ PANELS = (
                                               "another image")], (0.0, 1.0)),
     ("held-out WRA distance", [("itm/ot_pos", "matched"), ("itm/ot_neg", "mismatched")], None),
     ("held-out accuracy", [("mlm/accuracy", "mlm"), ("mrckl/accuracy", "mrckl"),
-                           ("vqa_score", "vqa score")], (0.0, 1.0)),
+                           ("vqa_score", "vqa score"),
+                           ("mlm/majority_baseline", "mlm: commonest word"),
+                           ("mrckl/majority_baseline", "mrckl: commonest class")], (0.0, 1.0)),
 )
 
 
@@ -60,7 +62,8 @@ def plot(workdir: str, out: str) -> str:
     for key, label in metrics:
       x, y = series(rows, key)
       if x:
-        ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=label)
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=label,
+                ls="--" if key.endswith("majority_baseline") else "-")  # the chance level, dashed
     if title.startswith("held-out ITM"):
       ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     if ylim:

@@ -10,7 +10,7 @@ from flax import nnx
 from helpers import random_batch, tiny_config, to_jnp
 from uniter_jax import sharding
 from uniter_jax.losses import ot_distance, pretrain_loss
-from uniter_jax.losses.pretrain import masked_budget
+from uniter_jax.losses.pretrain import masked_budget, mlm_loss, mrckl_loss
 from uniter_jax.masking import MaskingConfig, apply_objective, apply_region_masking
 from uniter_jax.models import UniterForPretraining, UniterOutput
 
@@ -70,6 +70,31 @@ def test_mrc_and_mrckl_losses_match_numpy(setup):
   ref_kl = terms.mean()  # F.kl_div(reduction='none').mean(): over all elements
   np.testing.assert_allclose(pretrain_loss(model, b, "mrc")["loss"], ref_mrc, rtol=1e-5)
   np.testing.assert_allclose(pretrain_loss(model, b, "mrckl")["loss"], ref_kl, rtol=1e-5)
+
+
+def test_majority_baseline_is_what_a_constant_predictor_scores():
+  """The accuracies' chance level: a predictor always answering the commonest target."""
+  rng = np.random.default_rng(0)
+  classes = 9
+  label = rng.choice(classes, size=(4, 12), p=[0.6] + [0.05] * 8)  # class 0 like background
+  masked = rng.random((4, 12)) < 0.5
+  q = np.full((4, 12, classes), 0.01)
+  q[np.arange(4)[:, None], np.arange(12)[None], label] = 1.0
+  q /= q.sum(-1, keepdims=True)
+  constant = np.zeros((4, 12, classes), np.float32)
+  constant[..., np.bincount(label[masked]).argmax()] = 5.0  # always the commonest class
+  res = mrckl_loss(jnp.asarray(constant), jnp.asarray(q, jnp.float32), jnp.asarray(masked))
+  expect = np.bincount(label[masked]).max() / masked.sum()
+  np.testing.assert_allclose(res["majority_accuracy"], expect, rtol=1e-6)
+  np.testing.assert_allclose(res["accuracy"], expect, rtol=1e-6)
+  # MLM: labels -1 are not targets; a predictor that learned something beats it.
+  words = np.where(masked, rng.choice([5, 7, 7, 7, 11], size=(4, 12)), -1)
+  hit = np.zeros((4, 12, 20), np.float32)
+  hit[np.arange(4)[:, None], np.arange(12)[None], np.maximum(words, 0)] = 5.0
+  res = mlm_loss(jnp.asarray(hit), jnp.asarray(words))
+  np.testing.assert_allclose(res["majority_accuracy"],
+                             np.bincount(words[masked]).max() / masked.sum(), rtol=1e-6)
+  assert res["accuracy"] == 1.0 > res["majority_accuracy"]
 
 
 def test_itm_loss_with_wra_matches_numpy(setup):

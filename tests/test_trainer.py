@@ -143,7 +143,8 @@ def test_default_command_runs_end_to_end(tiny_world, tmp_path):
   assert all(np.isfinite(r["loss"]) and r["examples_per_sec"] > 0 for r in rows)
   ev = [json.loads(l) for l in open(os.path.join(workdir, "eval", "metrics.jsonl"))]
   assert {"mlm/accuracy", "mrfr/loss", "mrckl/accuracy", "itm_in_batch/accuracy",
-          "itm_in_batch/ot_pos"} <= set(ev[0])
+          "itm_in_batch/ot_pos", "mlm/majority_baseline", "mrckl/majority_baseline"} <= set(ev[0])
+  assert 0.0 < ev[0]["mrckl/majority_baseline"] <= 1.0
   for k in ("mlm_focus/accuracy_own_image", "mlm_focus/accuracy_other_image"):  # grounding probe
     assert 0.0 <= ev[0][k] <= 1.0, (k, ev[0])
   # The balanced ITM set: 20 captions, each with its own image and with another one.

@@ -29,7 +29,7 @@ from uniter_jax.tasks import base, register
 # Scalars every pretraining branch reports (0 where an objective does not define one), so
 # that all lax.switch branches return the same structure. full_heads: 1.0 when the MLM / MRM
 # head ran at every position instead of the masked ones (losses.pretrain.heads_on_targets).
-AUX = ("accuracy", "ot_pos", "ot_neg", "ot_loss", "itm_loss", "full_heads")
+AUX = ("accuracy", "majority_accuracy", "ot_pos", "ot_neg", "ot_loss", "itm_loss", "full_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +235,8 @@ def make_eval_step(graphdef, s: PretrainSettings, rules: sharding.Rules,
         out[f"{tag}/loss"] = loss
         if name in ("mlm", "mrc", "mrckl", "itm"):
           out[f"{tag}/accuracy"] = aux["accuracy"]
+        if name in ("mlm", "mrc", "mrckl"):  # what always answering the commonest target scores
+          out[f"{tag}/majority_baseline"] = aux["majority_accuracy"]
         if name == "itm":
           out[f"{tag}/ot_pos"], out[f"{tag}/ot_neg"] = aux["ot_pos"], aux["ot_neg"]
       if s.masking.focus_ids and "mlm" in s.names:
